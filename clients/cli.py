@@ -1,0 +1,206 @@
+"""The `cipherbert` command line: serve, keys, classify, models, and the training entry points.
+
+    cipherbert serve --host 127.0.0.1 --port 8000 --data-dir data/service
+    cipherbert keys create --url http://127.0.0.1:8000 --api-key KEY
+    cipherbert classify --url http://127.0.0.1:8000 --api-key KEY --json "a gripping film"
+    cipherbert distill ...        (delegates to distill.__main__.main)
+    cipherbert dp-finetune ...    (delegates to dp_training.__main__.main)
+
+Client commands never import torch; `serve` imports the engine only in its worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE, EXIT_FAIL = 2, 1
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("CIPHERBERT_URL", "http://127.0.0.1:8000"),
+                   help="server URL (env CIPHERBERT_URL); repeat with commas for client-side round robin")
+    p.add_argument("--api-key", default=os.environ.get("CIPHERBERT_API_KEY"),
+                   help="bearer API key (env CIPHERBERT_API_KEY)")
+    p.add_argument("--model", default=os.environ.get("CIPHERBERT_MODEL"), help="model id (default: the first)")
+    p.add_argument("--cache-dir", default=None, help="bundle cache and keystore (default ~/.cache/cipherbert)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cipherbert", description="Encrypted text classification (CKKS).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the API server (uvicorn)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--data-dir", default=os.environ.get("CIPHERBERT_DATA_DIR", "data/service"),
+                   help="keys, embedded store and server secret")
+    s.add_argument("--models-dir", default=None, help="directory of model directories (default ./models)")
+    s.add_argument("--model", action="append", default=None, help="load only this model directory (repeatable)")
+    s.add_argument("--api-keys", default=None, help="file of tenant:key lines (or env CIPHERBERT_API_KEYS)")
+    s.add_argument("--workers", type=int, default=None, help="engine processes (default 2, env CIPHERBERT_WORKERS)")
+    s.add_argument("--max-inflight", type=int, default=None, help="engine jobs per replica before 503")
+    s.add_argument("--rate-limit", default=None, help="per-tenant N/SECONDS for new inferences and keys")
+    s.add_argument("--key-ttl", type=int, default=None, help="seconds a registered key lives")
+    s.add_argument("--redis-url", default=None, help="use Redis (replicas) instead of the embedded store")
+    s.add_argument("--replica-id", default=None, help="name in X-Cipherbert-Replica and logs")
+    s.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--log-level", default="info")
+
+    m = sub.add_parser("models", help="list the server's models")
+    _client_args(m)
+
+    k = sub.add_parser("keys", help="manage evaluation keys")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION")
+    for name, helptext in (("create", "generate keys locally and register the public part"),
+                           ("list", "list this tenant's registered keys"),
+                           ("delete", "delete a registered key")):
+        kp = ksub.add_parser(name, help=helptext)
+        _client_args(kp)
+        if name == "delete":
+            kp.add_argument("key_id")
+
+    c = sub.add_parser("classify", help="classify text encrypted end to end")
+    _client_args(c)
+    c.add_argument("--json", action="store_true", help="print one JSON object per text")
+    c.add_argument("text", nargs="+", help="sentence(s) to classify")
+
+    sub.add_parser("distill", help="train the HE-friendly student (distill.__main__)", add_help=False)
+    sub.add_parser("dp-finetune", help="DP fine-tuning (dp_training.__main__)", add_help=False)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_FAIL) -> int:
+    print(f"cipherbert: error: {message}", file=sys.stderr)
+    return code
+
+
+def _client(args):
+    from clients.sdk import Client
+
+    if not args.api_key:
+        raise SystemExit(_fail("no API key: pass --api-key or set CIPHERBERT_API_KEY", EXIT_USAGE))
+    progress = None if args.quiet else (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
+    urls = [u.strip() for u in args.url.split(",") if u.strip()]
+    return Client(urls if len(urls) > 1 else urls[0], args.api_key, model=args.model,
+                  cache_dir=args.cache_dir, progress=progress)
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings, SettingsError, load_api_keys_file, parse_rate_limit
+
+    try:
+        settings = Settings(data_dir=args.data_dir)
+        if args.models_dir:
+            settings.models_dir = args.models_dir
+        if args.model:
+            settings.models = args.model
+        if args.api_keys:
+            settings.api_keys = load_api_keys_file(args.api_keys)
+        if args.workers is not None:
+            settings.workers = args.workers
+        if args.max_inflight is not None:
+            settings.max_inflight = args.max_inflight
+        if args.rate_limit is not None:
+            settings.rate_limit = parse_rate_limit(args.rate_limit)
+        if args.key_ttl is not None:
+            settings.key_ttl_s = args.key_ttl
+        if args.redis_url:
+            settings.redis_url = args.redis_url
+        if args.replica_id:
+            settings.replica_id = args.replica_id
+        if args.engine:
+            settings.engine = args.engine
+        settings.finalize()
+    except SettingsError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(settings, "generated_keys_file", None):
+        print(f"cipherbert: no API keys configured; using the development key(s) in "
+              f"{settings.generated_keys_file}", file=sys.stderr)
+    store = f"redis ({settings.redis_url})" if settings.redis_url else f"embedded ({settings.data_dir})"
+    print(f"cipherbert: serving on http://{args.host}:{args.port} (docs at /docs), store {store}, "
+          f"{settings.workers} engine workers, {len(set(settings.api_keys.values()))} tenant(s)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_models(args) -> int:
+    with _client(args) as client:
+        for m in client.models():
+            print(f"{m['model_id']}\tmax_tokens={m['max_tokens']}\tlabels={m.get('labels')}\thash={m['model_hash'][:12]}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    if not args.keys_command:
+        return _fail("keys needs an action: create, list or delete", EXIT_USAGE)
+    with _client(args) as client:
+        if args.keys_command == "create":
+            key_id = client.register_keys()
+            print(key_id)
+        elif args.keys_command == "list":
+            import datetime as dt
+
+            for k in client.list_keys():
+                exp = dt.datetime.fromtimestamp(k["expires_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                print(f"{k['key_id']}\t{k['model_id']}\t{k['size'] / 1e6:.1f} MB\texpires {exp}")
+        else:
+            client.delete_key(args.key_id)
+            print(f"deleted {args.key_id}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    with _client(args) as client:
+        for text in args.text:
+            r = client.classify(text)
+            if args.json:
+                print(json.dumps({"text": text, **r.to_dict()}))
+            else:
+                probs = ", ".join(f"{p:.3f}" for p in r.probabilities)
+                print(f"{r.label}\t[{probs}]\t{r.latency_s:.2f} s\tup {r.upload_bytes / 1e6:.2f} MB"
+                      f"\tdown {r.download_bytes / 1e6:.2f} MB\trounds {r.rounds}\t{text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "distill":
+        from distill.__main__ import main as distill_main
+
+        return distill_main(argv[1:]) or 0
+    if argv and argv[0] == "dp-finetune":
+        from dp_training.__main__ import main as dp_main
+
+        return dp_main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from clients.sdk import CipherbertError
+
+    handlers = {"serve": cmd_serve, "models": cmd_models, "keys": cmd_keys, "classify": cmd_classify}
+    try:
+        return handlers[args.command](args)
+    except CipherbertError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""cipherbert Python SDK: encrypted text classification over REST.
+
+    from clients.sdk import Client
+    client = Client("http://127.0.0.1:8000", api_key="...")
+    result = client.classify("a gripping, beautifully acted film")
+    print(result.label, result.probabilities, result.latency_s, result.upload_bytes)
+
+What happens: the SDK downloads and caches the model's client bundle (tokenizer, embedding tables, CKKS
+parameters, rotation steps), generates a CKKS key pair once per (server, model) with Galois keys only
+for the steps the model needs, keeps the secret key in a local keystore file (mode 0600, never sent),
+registers the public evaluation context, then for each sentence: tokenize + embed locally, encrypt,
+upload, answer the server's masked refresh rounds (decrypt, re-encrypt), decrypt the logits.
+
+Depends on httpx, numpy, tenseal and he_models.client/wire only: never torch, never the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+
+from he_models.wire import WireError, pack_frames, unpack_frames
+
+ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
+FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
+ALLOWED_CLIENT_MODULES = ("he_models.client", "service.toyengine")
+
+
+class CipherbertError(RuntimeError):
+    """A failure the user can act on; `status` and `code` are set for HTTP errors."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass
+class Result:
+    label: str
+    probabilities: list[float]
+    logits: list[float]
+    latency_s: float
+    upload_bytes: int
+    download_bytes: int
+    rounds: int
+    n_tokens: int
+    inference_id: str
+    model_id: str
+    replicas: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("CIPHERBERT_HOME", Path.home() / ".cache" / "cipherbert"))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+class Client:
+    def __init__(self, base_url: str | list[str], api_key: str, *, model: str | None = None,
+                 cache_dir: str | Path | None = None, keystore_dir: str | Path | None = None,
+                 timeout: float = 300.0, retries: int = 20, progress: Callable[[str], None] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
+        one inference's rounds cross servers, which a replicated deployment must allow)."""
+        self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
+        if not self.base_urls:
+            raise CipherbertError("no server URL given")
+        self._rr = 0
+        self.api_key = api_key
+        self.model = model
+        self.home = Path(cache_dir) if cache_dir else default_home()
+        self.keystore_dir = Path(keystore_dir) if keystore_dir else self.home / "keys"
+        self.retries = retries
+        self.progress = progress or (lambda msg: None)
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
+                                 headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"})
+        self._bundles: dict[str, tuple[dict, Path]] = {}
+        self._sessions: dict[str, tuple] = {}  # model_id -> (keys, key_id, client module, embedder)
+
+    # http ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _url(self, path: str) -> str:
+        base = self.base_urls[self._rr % len(self.base_urls)]
+        self._rr += 1
+        return base + path
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One API call with retries on 429/503 (Retry-After) and on connection errors before sending."""
+        for attempt in range(self.retries + 1):
+            url = self._url(path)
+            try:
+                resp = self.http.request(method, url, **kwargs)
+            except httpx.ConnectError as exc:
+                if attempt < min(self.retries, 3):
+                    time.sleep(0.5)
+                    continue
+                raise CipherbertError(f"cannot reach the cipherbert server at {url}: {exc}") from None
+            except httpx.TimeoutException:
+                raise CipherbertError(f"the server at {url} did not answer in time") from None
+            except httpx.HTTPError as exc:
+                raise CipherbertError(f"HTTP error talking to {url}: {exc}") from None
+            if resp.status_code in (429, 503) and attempt < self.retries:
+                wait = resp.headers.get("Retry-After", "1")
+                time.sleep(min(float(wait) if wait.replace(".", "", 1).isdigit() else 1.0, 10.0))
+                continue
+            if resp.status_code >= 400:
+                raise self._error(resp)
+            return resp
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(resp: httpx.Response) -> CipherbertError:
+        try:
+            body = resp.json()
+            code, detail = body.get("error"), body.get("detail")
+        except (ValueError, AttributeError):
+            code, detail = None, resp.text[:200]
+        hint = {401: " (check the API key)", 429: " (rate limited)", 503: " (server busy or not ready)"}
+        return CipherbertError(f"server answered {resp.status_code} {code or ''}: {detail}"
+                               f"{hint.get(resp.status_code, '')}", status=resp.status_code, code=code)
+
+    # models and bundles --------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def model_id(self) -> str:
+        if self.model is None:
+            models = self.models()
+            if not models:
+                raise CipherbertError("the server has no model loaded")
+            self.model = models[0]["model_id"]
+        return self.model
+
+    def bundle(self, model: str | None = None) -> tuple[dict, Path]:
+        """The model's client bundle (JSON + files), cached under <cache>/bundles/<model_hash>/."""
+        model = model or self.model_id()
+        if model in self._bundles:
+            return self._bundles[model]
+        bundle = self._request("GET", f"/v1/models/{model}/bundle").json()
+        bdir = self.home / "bundles" / bundle["model_hash"]
+        bdir.mkdir(parents=True, exist_ok=True)
+        for f in bundle.get("files", []):
+            name = Path(f["name"]).name
+            target = bdir / name
+            if target.exists() and target.stat().st_size == f["bytes"] and _sha256(target) == f["sha256"]:
+                continue
+            self.progress(f"downloading {name} ({f['bytes'] / 1e6:.1f} MB)")
+            data = self._request("GET", f"/v1/models/{model}/bundle/files/{name}").content
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise CipherbertError(f"bundle file {name} failed its sha256 check")
+            tmp = target.with_suffix(target.suffix + ".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        (bdir / "bundle.json").write_text(json.dumps(bundle, indent=1))
+        self._bundles[model] = (bundle, bdir)
+        return bundle, bdir
+
+    @staticmethod
+    def client_module(bundle: dict):
+        name = bundle.get("client_module", "he_models.client")
+        if name not in ALLOWED_CLIENT_MODULES:
+            raise CipherbertError(f"bundle asks for unknown client module {name!r}")
+        return importlib.import_module(name)
+
+    # keys ------------------------------------------------------------------------------------------
+    def _keystore_paths(self, bundle: dict) -> tuple[Path, Path]:
+        server = hashlib.sha256(f"{self.base_urls[0]}|{self.api_key}".encode()).hexdigest()[:16]
+        kdir = _private_dir(self.keystore_dir / server)
+        stem = f"{bundle['model_id']}-{bundle['model_hash'][:16]}"
+        return kdir / f"{stem}.secret", kdir / f"{stem}.json"
+
+    def _session(self, model: str | None = None):
+        model = model or self.model_id()
+        if model in self._sessions:
+            return self._sessions[model]
+        bundle, bdir = self.bundle(model)
+        mod = self.client_module(bundle)
+        secret_path, meta_path = self._keystore_paths(bundle)
+        if secret_path.exists():
+            keys = mod.ClientKeys.load(secret_path)
+        else:
+            self.progress("generating CKKS keys (only the model's rotation steps; once per server and model)")
+            t0 = time.perf_counter()
+            keys = mod.ClientKeys.generate(bundle)
+            save_secret(keys, secret_path)
+            self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
+        key_id = None
+        if meta_path.exists():
+            key_id = json.loads(meta_path.read_text()).get("key_id")
+            if key_id and not self._key_alive(key_id):
+                key_id = None
+        if key_id is None:
+            key_id = self._register(keys, bundle, meta_path)
+        embedder = mod.Embedder(bdir)
+        self._sessions[model] = (keys, key_id, mod, embedder, bundle)
+        return self._sessions[model]
+
+    def _key_alive(self, key_id: str) -> bool:
+        try:
+            self._request("GET", f"/v1/keys/{key_id}")
+            return True
+        except CipherbertError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def _register(self, keys, bundle: dict, meta_path: Path) -> str:
+        public = keys.public_context_bytes()
+        self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
+        info = self._request("POST", "/v1/keys", params={"model": bundle["model_id"]}, content=public,
+                             headers={"Content-Type": "application/octet-stream"}).json()
+        meta_path.write_text(json.dumps({"key_id": info["key_id"], "model_id": bundle["model_id"],
+                                         "expires_at": info["expires_at"], "server": self.base_urls}))
+        self.key_upload_bytes = len(public)
+        return info["key_id"]
+
+    def register_keys(self, model: str | None = None) -> str:
+        """Make sure keys exist locally and are registered; return the key id."""
+        return self._session(model)[1]
+
+    def list_keys(self) -> list[dict]:
+        return self._request("GET", "/v1/keys").json()["keys"]
+
+    def delete_key(self, key_id: str) -> None:
+        self._request("DELETE", f"/v1/keys/{key_id}")
+        for model, sess in list(self._sessions.items()):
+            if sess[1] == key_id:
+                del self._sessions[model]
+
+    # inference --------------------------------------------------------------------------------------
+    def _post_frames(self, path: str, frames: list[bytes], params: dict | None = None,
+                     headers: dict | None = None) -> tuple[dict, list[bytes], int, int, str]:
+        body = pack_frames(frames)
+        resp = self._request("POST", path, params=params, content=body,
+                             headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})})
+        try:
+            got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
+            header = json.loads(got[0])
+        except (WireError, ValueError, IndexError) as exc:
+            raise CipherbertError(f"malformed response from the server: {exc}") from None
+        return header, got[1:], len(body), len(resp.content), resp.headers.get("X-Cipherbert-Replica", "")
+
+    def classify(self, text: str, model: str | None = None) -> Result:
+        keys, key_id, mod, embedder, bundle = self._session(model)
+        t0 = time.perf_counter()
+        emb = np.asarray(embedder.embed(text))
+        n_tokens = int(emb.shape[0])
+        frames = mod.encrypt_embeddings(keys, emb)
+        t_enc = time.perf_counter() - t0
+        header, to_client, up, down, replica = self._post_frames(
+            "/v1/inferences", frames,
+            params={"model": bundle["model_id"], "key_id": key_id, "n_tokens": n_tokens})
+        replicas, rounds, t_client = [replica], 0, 0.0
+        while not header["done"]:
+            rounds += 1
+            self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
+            tc = time.perf_counter()
+            replies = mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+            t_client += time.perf_counter() - tc
+            iid, rnd = header["inference_id"], header["round"]
+            header, to_client, u, d, replica = self._post_frames(
+                f"/v1/inferences/{iid}/rounds/{rnd}", replies,
+                headers={ROUND_TOKEN_HEADER: header["round_token"]})
+            up, down = up + u, down + d
+            replicas.append(replica)
+        tc = time.perf_counter()
+        logits = np.asarray(mod.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
+        t_client += time.perf_counter() - tc
+        probs = _softmax(logits)
+        labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
+        idx = int(np.argmax(logits))
+        return Result(label=str(labels[idx]) if idx < len(labels) else str(idx),
+                      probabilities=[float(p) for p in probs], logits=[float(x) for x in logits],
+                      latency_s=time.perf_counter() - t0, upload_bytes=up, download_bytes=down, rounds=rounds,
+                      n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
+                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client})
+
+    def classify_batch(self, texts: list[str], model: str | None = None) -> list[Result]:
+        return [self.classify(t, model=model) for t in texts]
+
+
+def save_secret(keys, path: Path) -> None:
+    """Write the full context (with the secret key) readable by the owner only (0600, atomic)."""
+    _private_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    keys.save(tmp)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
