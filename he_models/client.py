@@ -1,0 +1,200 @@
+"""The client half of encrypted inference: keys, embedding, encryption, refresh rounds, decryption.
+
+Depends only on TenSEAL (sealapi), numpy, `tokenizers` and safetensors' numpy loader — never on torch
+or the server — so the SDK can reuse it as is. The secret key never leaves `ClientKeys`; what goes on
+the wire is `public_keys_bytes()` (relinearization + Galois keys for the plan's steps) and ciphertexts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from he_models.ckks import CKKSError, CKKSParams, encode_vector, load_ciphertext, load_into, pack_eval_keys, save_bytes
+from he_models.layout import Geometry, client_context, client_scores
+from he_models.wire import pack_frames, unpack_frames
+
+EMBEDDING_TENSORS = ("embeddings.word.weight", "embeddings.position.weight",
+                     "embeddings.norm.weight", "embeddings.norm.bias")
+
+
+class ClientError(ValueError):
+    pass
+
+
+class ClientKeys:
+    """A CKKS key set owned by the client. `save` writes the secret key: keep that file private."""
+
+    def __init__(self, params: CKKSParams, galois_steps: list[int], secret_key: seal.SecretKey,
+                 context: seal.SEALContext | None = None) -> None:
+        self.params = params
+        self.galois_steps = sorted(int(s) for s in galois_steps)
+        self.context = context or params.seal_context()
+        self._secret = secret_key
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.encryptor = seal.Encryptor(self.context, secret_key)
+        self.decryptor = seal.Decryptor(self.context, secret_key)
+        self._public: bytes | None = None
+
+    @classmethod
+    def generate(cls, params: CKKSParams | dict, galois_steps: list[int]) -> "ClientKeys":
+        if isinstance(params, dict):
+            params = CKKSParams.from_dict(params)
+        context = params.seal_context()
+        keygen = seal.KeyGenerator(context)
+        return cls(params, galois_steps, keygen.secret_key(), context)
+
+    def public_keys_bytes(self) -> bytes:
+        """Relinearization and Galois keys (seeded, so about half size); never the secret key."""
+        if self._public is None:
+            keygen = seal.KeyGenerator(self.context, self._secret)
+            relin = save_bytes(keygen.create_relin_keys())
+            # Pass Galois elements (positive), never raw steps: pybind picks the element overload
+            # for lists of non-negative ints, so steps like [1, 2] would be misread as elements.
+            tool = self.context.key_context_data().galois_tool()
+            elts = tool.get_elts_from_steps(self.galois_steps)
+            galois = save_bytes(keygen.create_galois_keys(elts))  # Serializable: seeded, half size
+            self._public = pack_eval_keys(self.params, self.galois_steps, relin, galois)
+        return self._public
+
+    def save(self, path: str | Path) -> None:
+        """Write params, steps and the secret key to a file readable by the owner only (0600)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = json.dumps({"params": self.params.to_dict(), "galois_steps": self.galois_steps}).encode()
+        payload = pack_frames([header, save_bytes(self._secret)])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.chmod(path, 0o600)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClientKeys":
+        frames = unpack_frames(Path(path).read_bytes(), max_frames=4)
+        header = json.loads(frames[0])
+        params = CKKSParams.from_dict(header["params"])
+        context = params.seal_context()
+        secret = load_into(seal.SecretKey(), context, frames[1], "secret key")
+        return cls(params, header["galois_steps"], secret, context)
+
+    # -- encryption -----------------------------------------------------------------------
+    def encrypt(self, vectors: list[np.ndarray]) -> list[bytes]:
+        """Fresh, seeded symmetric encryptions at the top level (half the bytes of a public-key one)."""
+        parms_id = self.context.first_parms_id()
+        out = []
+        for v in vectors:
+            pt = encode_vector(self.encoder, v, parms_id, self.params.scale)
+            out.append(save_bytes(self.encryptor.encrypt_symmetric(pt)))
+        return out
+
+    def decrypt(self, payloads: list[bytes]) -> list[np.ndarray]:
+        out = []
+        for i, data in enumerate(payloads):
+            ct = load_ciphertext(self.context, data, f"server ciphertext {i}")
+            pt = seal.Plaintext()
+            self.decryptor.decrypt(ct, pt)
+            out.append(np.asarray(self.encoder.decode_double(pt)))
+        return out
+
+
+def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray, geometry: Geometry) -> list[bytes]:
+    return keys.encrypt(geometry.pack_fm(np.asarray(embeddings, dtype=np.float64)))
+
+
+def answer_round(keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes]) -> list[bytes]:
+    """Decrypt the server's masked values, compute what the round asks, re-encrypt fresh.
+
+    scores:  (Q+rQ), (K+rK)        -> sigma (Q+rQ)(K+rK)^T per head, and (K+rK) token-major
+    context: (A+rA), (V+rV)        -> (A+rA)(V+rV), and (A+rA) re-encrypted
+    refresh: x + r                 -> x + r re-encrypted at the top level, padded slots zeroed
+    The client only ever sees masked values.
+    """
+    geo = Geometry.from_dict(meta["geometry"])
+    values = keys.decrypt(payloads)
+    hidden = geo.hidden
+    if kind == "scores":
+        n_fm = geo.fm_cts(hidden)
+        if len(values) != 2 * n_fm:
+            raise ClientError(f"scores round: expected {2 * n_fm} ciphertexts, got {len(values)}")
+        q = geo.unpack_fm(values[:n_fm], hidden)
+        k = geo.unpack_fm(values[n_fm:], hidden)
+        s = client_scores(geo, q, k, float(meta["sigma"]))
+        return keys.encrypt(geo.pack_sl(s) + geo.pack_tm(k))
+    if kind == "context":
+        n_sl = geo.sl_cts
+        if len(values) != n_sl + geo.fm_cts(hidden):
+            raise ClientError("context round: unexpected number of ciphertexts")
+        a = geo.unpack_sl(values[:n_sl])
+        v = geo.unpack_fm(values[n_sl:], hidden)
+        return keys.encrypt(geo.pack_fm(client_context(geo, a, v)) + geo.pack_sl(a))
+    if kind == "refresh":
+        x = geo.unpack_fm(values, hidden)
+        return keys.encrypt(geo.pack_fm(x))
+    raise ClientError(f"unknown round kind {kind!r}")
+
+
+def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.ndarray:
+    values = keys.decrypt(payloads)
+    return np.array([v[0] for v in values])
+
+
+@dataclass
+class Embedder:
+    """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
+
+    tokenizer: object
+    word: np.ndarray
+    position: np.ndarray
+    norm_weight: np.ndarray
+    norm_bias: np.ndarray
+    max_tokens: int
+    eps: float = 1e-12
+
+    @classmethod
+    def from_files(cls, tokenizer_json: str | Path, tables: dict[str, np.ndarray], max_tokens: int) -> "Embedder":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        tok.enable_truncation(max_length=max_tokens)
+        tok.no_padding()
+        missing = [k for k in EMBEDDING_TENSORS if k not in tables]
+        if missing:
+            raise ClientError(f"embedding tables missing {missing}")
+        return cls(tok, *(tables[k].astype(np.float64) for k in EMBEDDING_TENSORS), max_tokens=max_tokens)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> "Embedder":
+        from safetensors.numpy import load_file
+
+        model_dir = Path(model_dir)
+        tables = load_file(str(model_dir / "model.safetensors"))
+        config = json.loads((model_dir / "config.json").read_text())
+        limit = max_tokens or int(config.get("max_position", 128))
+        return cls.from_files(model_dir / "tokenizer.json", {k: tables[k] for k in EMBEDDING_TENSORS}, limit)
+
+    def token_ids(self, text: str) -> list[int]:
+        if not text or not text.strip():
+            raise ClientError("text is empty")
+        return self.tokenizer.encode(text).ids
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        ids = np.asarray(ids[: self.max_tokens])
+        if ids.max(initial=0) >= self.word.shape[0]:
+            raise ClientError("token id outside the vocabulary")
+        x = self.word[ids] + self.position[: len(ids)]
+        mean = x.mean(-1, keepdims=True)
+        var = x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + self.eps) * self.norm_weight + self.norm_bias
+
+    def embed(self, text: str) -> np.ndarray:
+        """(n_tokens, hidden); sentences beyond max_tokens word pieces are truncated."""
+        return self.embed_ids(self.token_ids(text))
+
+
+__all__ = ["ClientKeys", "ClientError", "CKKSError", "Embedder", "encrypt_embeddings", "answer_round",
+           "decrypt_logits"]

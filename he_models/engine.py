@@ -1,0 +1,538 @@
+"""The encrypted inference engine: runs a compiled HE plan on CKKS ciphertexts, one round at a time.
+
+No HTTP here. The service calls `start` with the client's encrypted embeddings and `resume` with each
+refresh reply; between calls the engine keeps nothing: what it still needs travels in an authenticated
+state blob that the service stores (any replica holding the same server secret can resume it).
+
+Per encoder layer there are four rounds (see README, "Protocol"):
+  1 scores   server sends Q+rQ, K+rK          client returns s(Q+rQ)(K+rK)^T and K+rK (token-major)
+  2 context  server sends A+rA, V+rV          client returns (A+rA)(V+rV) and A+rA
+  3 refresh  server sends h+rh                client re-encrypts it at the top level
+  4 refresh  server sends y+ry                client re-encrypts it at the top level
+The server removes the masks' contributions with plaintext kernels, so the client only ever decrypts
+masked values, and every polynomial (the 2Quad square, the quadratic GELU) is evaluated under HE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
+from he_models.kernels import Backend, DiagonalMap, EncodedMap, apply_map, build_map, encode_map
+from he_models.layout import Geometry, LayoutError
+from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
+from he_models.wire import WireError, pack_frames, unpack_frames
+
+STATE_FORMAT = "cipherbert-engine-state/1"
+HEADROOM_BITS = 18  # base prime 55 bits - scale 36 bits - 1: |value| at the last level must stay below 2^18
+
+
+class EngineError(ValueError):
+    """Input the engine refuses: wrong parameters, level or count, secret keys, replays, too many tokens."""
+
+
+@dataclass
+class EvalContext:
+    relin: seal.RelinKeys
+    galois: seal.GaloisKeys
+    fingerprint: str
+    steps: list[int]
+    nbytes: int
+
+
+@dataclass
+class StepOutput:
+    inference_id: str
+    round: int
+    done: bool
+    to_client: list[bytes]
+    state: bytes | None
+    kind: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class _LayerMaps:
+    q: EncodedMap
+    k: EncodedMap
+    v: EncodedMap
+    x_res: EncodedMap | None
+    o: EncodedMap
+    n1: EncodedMap
+    ffn1: EncodedMap
+    ffn2: EncodedMap
+
+
+def _fm_triplets(geo: Geometry, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Triplets of x @ weight over feature-major packing, for every token slot of the block."""
+    fin, fout = weight.shape
+    t = np.arange(geo.n_p)[:, None, None]
+    i = np.arange(fin)[None, :, None]
+    j = np.arange(fout)[None, None, :]
+    shape = (geo.n_p, fin, fout)
+    out_slots = np.broadcast_to(j * geo.n_p + t, shape)
+    in_slots = np.broadcast_to(i * geo.n_p + t, shape)
+    weights = np.broadcast_to(weight[None], shape)
+    return out_slots, in_slots, weights
+
+
+def _elementwise_triplets(geo: Geometry, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = geo.fm_index(len(scale))
+    return idx, idx, np.broadcast_to(scale[None, :], idx.shape)
+
+
+class EncryptedEngine:
+    def __init__(self, plan: HEPlan, server_secret: bytes, model_id: str, model_dir: Path | None = None,
+                 cache_sizes: int = 3) -> None:
+        if len(server_secret) < 16:
+            raise EngineError("server secret must be at least 16 bytes")
+        self.plan = plan
+        self.model_id = model_id
+        self.model_dir = model_dir
+        self._secret = server_secret
+        self.backend = Backend(plan.params)
+        self.slots = plan.params.slots
+        self.cfg = plan.config
+        self.max_tokens = self.cfg.max_position
+        self._maps: OrderedDict[int, list[_LayerMaps]] = OrderedDict()
+        self._cache_sizes = cache_sizes
+        self.mask_limits = self._mask_limits()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | Path, server_secret: bytes, mask_bits: int = 10,
+             warm: tuple[int, ...] = (32,)) -> "EncryptedEngine":
+        model_dir = Path(model_dir)
+        try:
+            plan = compile_plan(model_dir, mask_bits=mask_bits)
+        except (PlanError, FileNotFoundError) as exc:
+            raise EngineError(f"cannot serve {model_dir}: {exc}") from None
+        engine = cls(plan, server_secret, model_dir.name, model_dir)
+        for n_p in warm:
+            engine._layer_maps(n_p)
+        return engine
+
+    @property
+    def model_hash(self) -> str:
+        return self.plan.model_hash
+
+    def _mask_limits(self) -> dict[str, tuple[float, float]]:
+        """(mask half-width, bits of hiding) per masked tensor, capped by the last level's headroom."""
+        limits = {}
+        cap = 2.0 ** HEADROOM_BITS
+        for name, rng in self.plan.ranges.items():
+            width = min(rng * 2.0 ** self.plan.mask_bits, cap - rng)
+            limits[name] = (width, math.log2(max(width / rng, 1.0)))
+        return limits
+
+    def _layer_maps(self, n_p: int) -> list[_LayerMaps]:
+        """Weight kernels for one token block, encoded once and kept (LRU over block sizes)."""
+        if n_p in self._maps:
+            self._maps.move_to_end(n_p)
+            return self._maps[n_p]
+        geo = Geometry(n=n_p, n_p=n_p, hidden=self.cfg.hidden_size, heads=self.cfg.num_heads,
+                       intermediate=self.cfg.intermediate_size, slots=self.slots)
+        be, s = self.backend, self.plan.params.scale
+        top = be.top
+        fm_h, fm_i = geo.fm_cts(geo.hidden), geo.fm_cts(geo.intermediate)
+        square_scale_l2 = s * s / be.last_prime(2)
+
+        def linear(weight: np.ndarray, n_in: int, n_out: int, level: int, in_scale: float) -> EncodedMap:
+            dmap = build_map(*_fm_triplets(geo, weight), n_in, n_out, self.slots, n_p, BABY_STEPS)
+            return encode_map(be, dmap, level, in_scale, s)
+
+        def elementwise(scale: np.ndarray, level: int) -> EncodedMap:
+            dmap = build_map(*_elementwise_triplets(geo, scale), fm_h, fm_h, self.slots, n_p, BABY_STEPS)
+            return encode_map(be, dmap, level, s, s)
+
+        maps = []
+        for layer in self.plan.layers:
+            maps.append(_LayerMaps(
+                q=linear(layer.wq, fm_h, fm_h, top, s),
+                k=linear(layer.wk, fm_h, fm_h, top, s),
+                v=linear(layer.wv, fm_h, fm_h, top, s),
+                x_res=None if layer.in_scale is None else elementwise(layer.in_scale, top),
+                o=linear(layer.wo, fm_h, fm_h, 1, s),
+                n1=elementwise(layer.n1_scale, top),
+                ffn1=linear(layer.w1, fm_h, fm_i, top, s),
+                ffn2=linear(layer.w2, fm_i, fm_h, 1, square_scale_l2),
+            ))
+        self._maps[n_p] = maps
+        while len(self._maps) > self._cache_sizes:
+            self._maps.popitem(last=False)
+        return maps
+
+    # -- bundle and keys -----------------------------------------------------------------------
+    def client_bundle(self) -> dict:
+        cfg = self.cfg
+        return {
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "ckks": self.plan.params.to_dict(),
+            "galois_steps": self.plan.galois_steps,
+            "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "max_tokens": self.max_tokens,
+            "num_labels": cfg.num_labels,
+            "labels": self._labels(),
+            "rounds": self.plan.rounds,
+            "files": sorted(self.client_bundle_files()),
+        }
+
+    def _labels(self) -> list[str]:
+        if self.model_dir is not None and (self.model_dir / "labels.json").exists():
+            return list(json.loads((self.model_dir / "labels.json").read_text()))
+        if self.cfg.num_labels == 2:
+            return ["negative", "positive"]
+        return [str(i) for i in range(self.cfg.num_labels)]
+
+    def client_bundle_files(self) -> dict[str, Path]:
+        """Tokenizer and embedding tables: what the client needs to embed locally."""
+        if self.model_dir is None:
+            return {}
+        files = {}
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (self.model_dir / name).exists():
+                files[name] = self.model_dir / name
+        files["embeddings.safetensors"] = self._embedding_file()
+        return files
+
+    def _embedding_file(self) -> Path:
+        from safetensors.numpy import load_file, save_file
+
+        from he_models.client import EMBEDDING_TENSORS
+
+        assert self.model_dir is not None
+        cache = self.model_dir / ".cache"
+        target = cache / f"embeddings-{self.model_hash[:16]}.safetensors"
+        if not target.exists():
+            cache.mkdir(exist_ok=True)
+            state = load_file(str(self.model_dir / "model.safetensors"))
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            save_file({k: state[k] for k in EMBEDDING_TENSORS}, str(tmp))
+            os.replace(tmp, target)
+        return target
+
+    def load_context(self, public_keys: bytes) -> EvalContext:
+        """Parse a client's evaluation keys; refuse secret keys, other parameters or missing steps."""
+        try:
+            header, relin_bytes, galois_bytes = unpack_eval_keys(public_keys)
+        except CKKSError as exc:
+            raise EngineError(str(exc)) from None
+        if header.params != self.plan.params.to_dict():
+            raise EngineError(f"evaluation keys use CKKS parameters {header.params}; this model needs "
+                              f"{self.plan.params.to_dict()}")
+        missing = sorted(set(self.plan.galois_steps) - set(header.galois_steps))
+        if missing:
+            raise EngineError(f"evaluation keys lack Galois keys for rotation steps {missing}")
+        context = self.backend.context
+        try:
+            relin = load_into(seal.RelinKeys(), context, relin_bytes, "relinearization keys")
+            galois = load_into(seal.GaloisKeys(), context, galois_bytes, "Galois keys")
+        except CKKSError as exc:
+            raise EngineError(str(exc)) from None
+        if relin.size() == 0:
+            raise EngineError("relinearization keys are empty")
+        tool = context.key_context_data().galois_tool()
+        for step, elt in zip(self.plan.galois_steps, tool.get_elts_from_steps(self.plan.galois_steps)):
+            if not galois.has_key(elt):
+                raise EngineError(f"Galois keys declare step {step} but do not contain it")
+        fingerprint = hashlib.sha256(public_keys).hexdigest()[:32]
+        return EvalContext(relin=relin, galois=galois, fingerprint=fingerprint,
+                           steps=list(header.galois_steps), nbytes=len(public_keys))
+
+    # -- protocol ------------------------------------------------------------------------------
+    def geometry(self, n_tokens: int) -> Geometry:
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise EngineError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+        if n_tokens > self.max_tokens:
+            raise EngineError(f"{n_tokens} tokens exceed this model's maximum of {self.max_tokens}")
+        try:
+            return Geometry.for_tokens(n_tokens, self.cfg.hidden_size, self.cfg.num_heads,
+                                       self.cfg.intermediate_size, self.slots)
+        except LayoutError as exc:
+            raise EngineError(str(exc)) from None
+
+    def start(self, ctx: EvalContext, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput:
+        if not inference_id or len(inference_id) > 128:
+            raise EngineError("inference id must be 1..128 characters")
+        geo = self.geometry(n_tokens)
+        raw = self._load_replies(inputs, geo.fm_cts(geo.hidden), "input")
+        return self._begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
+
+    def resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *,
+               inference_id: str | None = None, round_no: int | None = None) -> StepOutput:
+        header, saved = self._open_state(state)
+        if inference_id is not None and inference_id != header["inference_id"]:
+            raise EngineError(f"reply for inference {inference_id!r} does not match the stored "
+                              f"inference {header['inference_id']!r}")
+        if round_no is not None and round_no != header["round"]:
+            raise EngineError(f"reply to round {round_no} but inference {header['inference_id']!r} "
+                              f"awaits round {header['round']} (replayed or out-of-order round)")
+        if header["key"] != ctx.fingerprint:
+            raise EngineError("reply uses different evaluation keys than the inference started with")
+        geo = Geometry.from_dict(header["geometry"])
+        layer, kind_index = divmod(header["round"] - 1, 4)
+        inference = header["inference_id"]
+        r = header["round"]
+        if kind_index == 0:
+            return self._after_scores(ctx, inference, geo, layer, r, saved, replies)
+        if kind_index == 1:
+            return self._after_context(ctx, inference, geo, layer, r, saved, replies)
+        if kind_index == 2:
+            return self._after_attention_refresh(ctx, inference, geo, layer, r, replies)
+        return self._after_ffn_refresh(ctx, inference, geo, layer, r, replies)
+
+    # -- rounds --------------------------------------------------------------------------------
+    def _begin_layer(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int,
+                     raw: list[seal.Ciphertext], round_no: int) -> StepOutput:
+        be = self.backend
+        maps = self._layer_maps(geo.n_p)[layer]
+        L = self.plan.layers[layer]
+        q = self._add_bias(apply_map(be, maps.q, raw, ctx.galois), L.bq, geo)
+        k = self._add_bias(apply_map(be, maps.k, raw, ctx.galois), L.bk, geo)
+        v = self._add_bias(apply_map(be, maps.v, raw, ctx.galois), L.bv, geo)
+        if maps.x_res is None:
+            x_res = raw
+        else:
+            x_res = self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
+        rq = self._mask(inference, round_no, f"{layer}.q", len(q))
+        rk = self._mask(inference, round_no, f"{layer}.k", len(k))
+        to_client = [self._masked_out(c, m) for c, m in zip(q, rq)] + [self._masked_out(c, m) for c, m in zip(k, rk)]
+        return self._emit(ctx, inference, geo, round_no, "scores", to_client,
+                          {"x_res": x_res, "q": q, "v": v})
+
+    def _after_scores(self, ctx, inference, geo, layer, r, saved, replies) -> StepOutput:
+        be = self.backend
+        n_sl = geo.sl_cts
+        fresh = self._load_replies(replies, 2 * n_sl, "scores reply")
+        s_client, z = fresh[:n_sl], fresh[n_sl:]
+        sigma = 1.0 / math.sqrt(geo.n)
+        rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
+        rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
+        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), n_sl, geo.n_p, 2)
+        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), n_sl, n_sl, 1, be.top)
+        c1_out = apply_map(be, c1, saved["q"], ctx.galois)
+        c2_out = apply_map(be, c2, z, ctx.galois)
+        shift = sigma * self.plan.layers[layer].score_shift
+        shift_sl = geo.pack_sl(np.broadcast_to(shift[:, None, None], (geo.heads, geo.n, geo.n)))
+        a = []
+        for idx in range(n_sl):
+            scores = be.sub(be.sub(s_client[idx], c1_out[idx]), c2_out[idx])
+            scores = be.add_plain(scores, shift_sl[idx])
+            a.append(be.square(scores, ctx.relin))
+        ra = self._mask(inference, r + 1, f"{layer}.a", n_sl)
+        rv = self._mask(inference, r + 1, f"{layer}.v", len(saved["v"]))
+        to_client = [self._masked_out(c, m) for c, m in zip(a, ra)] + \
+                    [self._masked_out(c, m) for c, m in zip(saved["v"], rv)]
+        return self._emit(ctx, inference, geo, r + 1, "context", to_client,
+                          {"x_res": saved["x_res"], "v": saved["v"]})
+
+    def _after_context(self, ctx, inference, geo, layer, r, saved, replies) -> StepOutput:
+        be = self.backend
+        n_fm, n_sl = geo.fm_cts(geo.hidden), geo.sl_cts
+        fresh = self._load_replies(replies, n_fm + n_sl, "context reply")
+        av_client, a_masked = fresh[:n_fm], fresh[n_fm:]
+        ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", n_sl))
+        rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", n_fm), geo.hidden)
+        c3 = self._request_map(self._c3_triplets(geo, rv), n_sl, n_fm, geo.n_p, be.top)
+        c4 = self._request_map(self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
+        c3_out = apply_map(be, c3, a_masked, ctx.galois)
+        c4_out = apply_map(be, c4, saved["v"], ctx.galois)
+        context = [be.sub(be.sub(av_client[i], c3_out[i]), c4_out[i]) for i in range(n_fm)]
+        maps = self._layer_maps(geo.n_p)[layer]
+        L = self.plan.layers[layer]
+        out = self._add_bias(apply_map(be, maps.o, context, ctx.galois), L.bo, geo)
+        h_raw = [be.add(x, o) for x, o in zip(saved["x_res"], out)]
+        rh = self._mask(inference, r + 1, f"{layer}.h", n_fm)
+        to_client = [self._masked_out(c, m) for c, m in zip(h_raw, rh)]
+        return self._emit(ctx, inference, geo, r + 1, "refresh", to_client, {})
+
+    def _after_attention_refresh(self, ctx, inference, geo, layer, r, replies) -> StepOutput:
+        be = self.backend
+        n_fm = geo.fm_cts(geo.hidden)
+        h_raw = self._unmask_refresh(replies, inference, r, f"{layer}.h", geo)
+        maps = self._layer_maps(geo.n_p)[layer]
+        L = self.plan.layers[layer]
+        h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+        u = self._add_bias(apply_map(be, maps.ffn1, h_raw, ctx.galois), L.b1, geo)
+        g = [be.square(c, ctx.relin) for c in u]
+        f = self._add_bias(apply_map(be, maps.ffn2, g, ctx.galois), L.b2, geo)
+        y_raw = [be.add(a, b) for a, b in zip(h_res, f)]
+        ry = self._mask(inference, r + 1, f"{layer}.y", n_fm)
+        to_client = [self._masked_out(c, m) for c, m in zip(y_raw, ry)]
+        return self._emit(ctx, inference, geo, r + 1, "refresh", to_client, {})
+
+    def _after_ffn_refresh(self, ctx, inference, geo, layer, r, replies) -> StepOutput:
+        y_raw = self._unmask_refresh(replies, inference, r, f"{layer}.y", geo)
+        if layer + 1 < len(self.plan.layers):
+            return self._begin_layer(ctx, inference, geo, layer + 1, y_raw, r + 1)
+        return self._logits(ctx, inference, geo, y_raw, r)
+
+    def _logits(self, ctx, inference, geo, y_raw, r) -> StepOutput:
+        be = self.backend
+        n_fm = geo.fm_cts(geo.hidden)
+        pool = np.zeros((geo.n, 1))
+        if self.cfg.pooling == "mean":
+            pool[:, 0] = 1.0 / geo.n
+        else:
+            pool[0, 0] = 1.0
+        outputs = []
+        for c in range(self.cfg.num_labels):
+            weights = geo.pack_fm(pool * self.plan.head_w[:, c][None, :])
+            terms = []
+            for idx in range(n_fm):
+                pt_scale = be.last_prime(be.top)
+                pt = encode_vector(be.encoder, weights[idx], y_raw[idx].parms_id(), pt_scale)
+                prod = seal.Ciphertext()
+                be.evaluator.multiply_plain(y_raw[idx], pt, prod)
+                be.evaluator.rescale_to_next_inplace(prod)
+                prod.scale = self.plan.params.scale
+                terms.append(prod)
+            total = terms[0]
+            for t in terms[1:]:
+                total = be.add(total, t)
+            total = be.sum_slots(total, ctx.galois)
+            total = be.add_plain(total, np.full(self.slots, self.plan.head_b[c]))
+            outputs.append(save_bytes(be.mod_to(total, 0)))
+        return StepOutput(inference_id=inference, round=r + 1, done=True, to_client=outputs, state=None,
+                          kind="logits", meta={"num_labels": self.cfg.num_labels, "labels": self._labels()})
+
+    # -- mask correction kernels (built per request: the masks are fresh) -----------------------
+    def _request_map(self, triplets, n_in, n_out, unit, level) -> EncodedMap:
+        s = self.plan.params.scale
+        dmap: DiagonalMap = build_map(*triplets, n_in, n_out, self.slots, unit, BABY_STEPS)
+        return encode_map(self.backend, dmap, level, s, s)
+
+    @staticmethod
+    def _head_grid(geo: Geometry):
+        h = np.arange(geo.heads)[:, None, None, None]
+        k = np.arange(geo.n)[None, :, None, None]
+        i = np.arange(geo.n)[None, None, :, None]
+        d = np.arange(geo.head_dim)[None, None, None, :]
+        return h, k, i, d
+
+    def _c1_triplets(self, geo, w_rk):
+        """sigma * Q rK^T: FM(i, f) -> SL(h, k, i), weight sigma*rK[k, f], f = h*dh + d."""
+        h, k, i, d = self._head_grid(geo)
+        f = h * geo.head_dim + d
+        shape = (geo.heads, geo.n, geo.n, geo.head_dim)
+        out = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
+        inp = np.broadcast_to(f * geo.n_p + i, shape)
+        return out, inp, np.broadcast_to(w_rk[k, f], shape)
+
+    def _c2_triplets(self, geo, w_rq):
+        """sigma * rQ (K+rK)^T: TM(h, k, d) -> SL(h, k, i), weight sigma*rQ[i, f]."""
+        h, k, i, d = self._head_grid(geo)
+        f = h * geo.head_dim + d
+        shape = (geo.heads, geo.n, geo.n, geo.head_dim)
+        out = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
+        inp = np.broadcast_to((h * geo.n_p + k) * geo.block + d, shape)
+        return out, inp, np.broadcast_to(w_rq[i, f], shape)
+
+    def _c3_triplets(self, geo, rv):
+        """(A+rA) rV: SL(h, k, i) -> FM(i, f), weight rV[k, f], f = h*dh + e."""
+        h, k, i, e = self._head_grid(geo)
+        f = h * geo.head_dim + e
+        shape = (geo.heads, geo.n, geo.n, geo.head_dim)
+        out = np.broadcast_to(f * geo.n_p + i, shape)
+        inp = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
+        return out, inp, np.broadcast_to(rv[k, f], shape)
+
+    def _c4_triplets(self, geo, ra):
+        """rA V: FM(k, f) -> FM(i, f), weight rA[h, k, i]."""
+        h, k, i, e = self._head_grid(geo)
+        f = h * geo.head_dim + e
+        shape = (geo.heads, geo.n, geo.n, geo.head_dim)
+        out = np.broadcast_to(f * geo.n_p + i, shape)
+        inp = np.broadcast_to(f * geo.n_p + k, shape)
+        return out, inp, np.broadcast_to(ra[h, k, i], shape)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _add_bias(self, cts: list[seal.Ciphertext], bias: np.ndarray, geo: Geometry) -> list[seal.Ciphertext]:
+        vectors = geo.pack_fm(np.broadcast_to(bias[None, :], (geo.n, len(bias))))
+        return [self.backend.add_plain(c, v) for c, v in zip(cts, vectors)]
+
+    def _mask(self, inference: str, round_no: int, name: str, n_cts: int) -> list[np.ndarray]:
+        """Uniform mask from a PRF of (server secret, inference, round, tensor): any replica re-derives it."""
+        width = self.mask_limits[name][0]
+        digest = hmac.new(self._secret, f"mask|{inference}|{round_no}|{name}".encode(), hashlib.sha256).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "big"))
+        flat = rng.uniform(-width, width, size=n_cts * self.slots)
+        return [flat[i * self.slots:(i + 1) * self.slots] for i in range(n_cts)]
+
+    def _masked_out(self, ct: seal.Ciphertext, mask: np.ndarray) -> bytes:
+        masked = self.backend.add_plain(ct, mask)
+        return save_bytes(self.backend.mod_to(masked, 0))
+
+    def _unmask_refresh(self, replies, inference, r, name, geo) -> list[seal.Ciphertext]:
+        n_fm = geo.fm_cts(geo.hidden)
+        fresh = self._load_replies(replies, n_fm, "refresh reply")
+        mask = self._mask(inference, r, name, n_fm)
+        valid = geo.fm_valid(geo.hidden)
+        return [self.backend.sub_plain(c, m * v) for c, m, v in zip(fresh, mask, valid)]
+
+    def _load_replies(self, payloads: list[bytes], expected: int, what: str) -> list[seal.Ciphertext]:
+        if len(payloads) != expected:
+            raise EngineError(f"{what}: expected {expected} ciphertexts, got {len(payloads)}")
+        out = []
+        for i, data in enumerate(payloads):
+            try:
+                ct = load_ciphertext(self.backend.context, data, f"{what} ciphertext {i}")
+            except CKKSError as exc:
+                raise EngineError(str(exc)) from None
+            level = self.backend.level(ct)
+            if level != self.backend.top:
+                raise EngineError(f"{what} ciphertext {i} is at level {level}; fresh ciphertexts at "
+                                  f"level {self.backend.top} are required")
+            if abs(ct.scale / self.plan.params.scale - 1) > 1e-9:
+                raise EngineError(f"{what} ciphertext {i} has scale 2^{math.log2(ct.scale):.2f}; "
+                                  f"expected 2^{self.plan.params.scale_bits}")
+            if ct.is_ntt_form() is False:
+                raise EngineError(f"{what} ciphertext {i} is not in NTT form (not a CKKS ciphertext)")
+            out.append(ct)
+        return out
+
+    def _emit(self, ctx, inference, geo, round_no, kind, to_client, keep: dict[str, list]) -> StepOutput:
+        header = {"format": STATE_FORMAT, "inference_id": inference, "round": round_no, "kind": kind,
+                  "geometry": geo.to_dict(), "key": ctx.fingerprint, "model": self.model_hash,
+                  "tensors": {name: len(cts) for name, cts in keep.items()}}
+        frames = [json.dumps(header).encode()]
+        for name in keep:
+            frames.extend(save_bytes(ct) for ct in keep[name])
+        body = pack_frames(frames)
+        tag = hmac.new(self._secret, body, hashlib.sha256).digest()
+        meta = {"geometry": geo.to_dict(), "sigma": 1.0 / math.sqrt(geo.n)}
+        return StepOutput(inference_id=inference, round=round_no, done=False, to_client=to_client,
+                          state=tag + body, kind=kind, meta=meta)
+
+    def _open_state(self, state: bytes) -> tuple[dict, dict[str, list[seal.Ciphertext]]]:
+        if not isinstance(state, (bytes, bytearray)) or len(state) < 40:
+            raise EngineError("engine state is missing or truncated")
+        tag, body = state[:32], bytes(state[32:])
+        if not hmac.compare_digest(tag, hmac.new(self._secret, body, hashlib.sha256).digest()):
+            raise EngineError("engine state failed authentication (forged, corrupted or from another server)")
+        try:
+            frames = unpack_frames(body, max_frames=256, max_bytes=1 << 31)
+            header = json.loads(frames[0])
+        except (WireError, ValueError):
+            raise EngineError("engine state is malformed") from None
+        if header.get("format") != STATE_FORMAT or header.get("model") != self.model_hash:
+            raise EngineError("engine state belongs to another model or format")
+        saved: dict[str, list[seal.Ciphertext]] = {}
+        pos = 1
+        for name, count in header["tensors"].items():
+            saved[name] = [load_ciphertext(self.backend.context, frames[pos + j]) for j in range(count)]
+            pos += count
+        return header, saved

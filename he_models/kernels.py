@@ -1,0 +1,256 @@
+"""Server-side CKKS kernels on packed ciphertexts.
+
+Every linear map the engine applies — weight matrices over feature-major packing, the mask corrections
+of the client-aided products, element-wise affine maps — is expressed as diagonals: y = sum_r d_r * rot(x, r).
+`build_map` turns (output slot, input slot, weight) triplets into diagonals grouped for baby-step /
+giant-step evaluation; `apply_map` evaluates them with baby steps taken one unit rotation at a time and
+giant steps accumulated Horner-style, so a whole kernel needs Galois keys for three steps only
+(unit, +giant, -giant) instead of one per diagonal.
+
+Scales are kept exact: a map's plaintexts are encoded at q_last * out_scale / in_scale, so after the
+single rescale the output carries exactly `out_scale`, whatever drift squaring introduced before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from he_models.ckks import CKKSParams, encode_vector
+
+
+class Backend:
+    """One SEAL context with its encoder and evaluator, plus level bookkeeping."""
+
+    def __init__(self, params: CKKSParams) -> None:
+        self.params = params
+        self.context = params.seal_context()
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self.slots = params.slots
+        self._parms: dict[int, object] = {}
+        self._last_prime: dict[int, float] = {}
+        data = self.context.first_context_data()
+        while data is not None:
+            level = data.chain_index()
+            self._parms[level] = data.parms_id()
+            self._last_prime[level] = float(data.parms().coeff_modulus()[-1].value())
+            data = data.next_context_data()
+        self.top = max(self._parms)
+
+    def parms_id(self, level: int):
+        return self._parms[level]
+
+    def level(self, ct: seal.Ciphertext) -> int:
+        return self.context.get_context_data(ct.parms_id()).chain_index()
+
+    def last_prime(self, level: int) -> float:
+        return self._last_prime[level]
+
+    # -- element-wise helpers (all return new ciphertexts) -----------------------------------
+    def mod_to(self, ct: seal.Ciphertext, level: int) -> seal.Ciphertext:
+        current = self.level(ct)
+        if current < level:
+            raise ValueError(f"ciphertext at level {current} cannot be raised to {level}")
+        out = seal.Ciphertext()
+        # Out-of-place mod switch; to the same level it is a plain copy (SEAL has no copy binding).
+        self.evaluator.mod_switch_to(ct, self._parms[level], out)
+        return out
+
+    def copy(self, ct: seal.Ciphertext) -> seal.Ciphertext:
+        return self.mod_to(ct, self.level(ct))
+
+    def add(self, a: seal.Ciphertext, b: seal.Ciphertext) -> seal.Ciphertext:
+        level = min(self.level(a), self.level(b))
+        a, b = self.mod_to(a, level), self.mod_to(b, level)
+        b.scale = a.scale  # equal by construction up to float rounding
+        out = seal.Ciphertext()
+        self.evaluator.add(a, b, out)
+        return out
+
+    def sub(self, a: seal.Ciphertext, b: seal.Ciphertext) -> seal.Ciphertext:
+        level = min(self.level(a), self.level(b))
+        a, b = self.mod_to(a, level), self.mod_to(b, level)
+        b.scale = a.scale
+        out = seal.Ciphertext()
+        self.evaluator.sub(a, b, out)
+        return out
+
+    def add_plain(self, ct: seal.Ciphertext, values: np.ndarray) -> seal.Ciphertext:
+        pt = encode_vector(self.encoder, values, ct.parms_id(), ct.scale)
+        out = seal.Ciphertext()
+        self.evaluator.add_plain(ct, pt, out)
+        return out
+
+    def sub_plain(self, ct: seal.Ciphertext, values: np.ndarray) -> seal.Ciphertext:
+        return self.add_plain(ct, -np.asarray(values))
+
+    def square(self, ct: seal.Ciphertext, relin: seal.RelinKeys) -> seal.Ciphertext:
+        out = seal.Ciphertext()
+        self.evaluator.square(ct, out)
+        self.evaluator.relinearize_inplace(out, relin)
+        self.evaluator.rescale_to_next_inplace(out)
+        return out
+
+    def rotate(self, ct: seal.Ciphertext, step: int, galois: seal.GaloisKeys) -> seal.Ciphertext:
+        out = seal.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, galois, out)
+        return out
+
+    def sum_slots(self, ct: seal.Ciphertext, galois: seal.GaloisKeys) -> seal.Ciphertext:
+        """Every slot ends up holding the sum of all slots (log2(slots) rotations)."""
+        acc = ct
+        step = self.slots // 2
+        while step >= 1:
+            rotated = self.rotate(acc, step, galois)
+            acc = self.add(acc, rotated)
+            step //= 2
+        return acc
+
+
+@dataclass
+class DiagonalMap:
+    """A linear map between lists of ciphertexts, as pre-rotated diagonals grouped for BSGS."""
+
+    n_in: int
+    n_out: int
+    unit: int
+    baby: int
+    # out ct -> list of (in ct, giant index g, baby index b, pre-rotated diagonal)
+    groups: dict[int, list[tuple[int, int, int, np.ndarray]]] = field(default_factory=dict)
+
+    @property
+    def giant(self) -> int:
+        return self.unit * self.baby
+
+    @property
+    def diagonals(self) -> int:
+        return sum(len(v) for v in self.groups.values())
+
+    def steps(self) -> set[int]:
+        return {self.unit, self.giant, -self.giant}
+
+
+def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, n_in: int, n_out: int,
+              slots: int, unit: int, baby: int) -> DiagonalMap:
+    """Group triplets (global out slot, global in slot, weight) into BSGS diagonals.
+
+    The rotation that brings input slot si to output slot so within one ciphertext is r = si - so (mod
+    slots), taken signed so short shifts both ways stay short; r = (g * baby + b) * unit.
+    """
+    out_slots = np.asarray(out_slots, dtype=np.int64).ravel()
+    in_slots = np.asarray(in_slots, dtype=np.int64).ravel()
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    keep = weights != 0
+    out_slots, in_slots, weights = out_slots[keep], in_slots[keep], weights[keep]
+    co, so = np.divmod(out_slots, slots)
+    ci, si = np.divmod(in_slots, slots)
+    r = (si - so) % slots
+    r = np.where(r > slots // 2, r - slots, r)
+    if np.any(r % unit):
+        raise ValueError(f"a diagonal offset is not a multiple of the unit {unit}")
+    q = r // unit
+    g = np.floor_divide(q, baby)
+    b = q - g * baby
+    g_min = int(g.min(initial=0))
+    g_span = int(g.max(initial=0)) - g_min + 1
+    key = ((co * n_in + ci) * g_span + (g - g_min)) * baby + b
+    uniq, inverse = np.unique(key, return_inverse=True)
+    diags = np.zeros((len(uniq), slots))
+    diags[inverse, so] = weights
+    dmap = DiagonalMap(n_in=n_in, n_out=n_out, unit=unit, baby=baby)
+    giant = unit * baby
+    for idx, k in enumerate(uniq.tolist()):
+        bb = k % baby
+        rest = k // baby
+        gg = rest % g_span + g_min
+        rest //= g_span
+        cin, cout = rest % n_in, rest // n_in
+        # Pre-rotate by -g*giant so the giant rotation can be applied after the sum over babies.
+        diag = np.roll(diags[idx], gg * giant)
+        dmap.groups.setdefault(int(cout), []).append((int(cin), int(gg), int(bb), diag))
+    return dmap
+
+
+@dataclass
+class EncodedMap:
+    """A DiagonalMap with its plaintexts encoded at one level and scale (done once for weights)."""
+
+    dmap: DiagonalMap
+    level: int
+    in_scale: float
+    out_scale: float
+    plaintexts: dict[int, list[tuple[int, int, int, seal.Plaintext]]]
+
+
+def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float,
+               out_scale: float) -> EncodedMap:
+    pt_scale = backend.last_prime(level) * out_scale / in_scale
+    parms = backend.parms_id(level)
+    plaintexts = {
+        co: [(ci, g, b, encode_vector(backend.encoder, diag, parms, pt_scale)) for ci, g, b, diag in entries]
+        for co, entries in dmap.groups.items()
+    }
+    return EncodedMap(dmap=dmap, level=level, in_scale=in_scale, out_scale=out_scale, plaintexts=plaintexts)
+
+
+def apply_map(backend: Backend, emap: EncodedMap, inputs: list[seal.Ciphertext],
+              galois: seal.GaloisKeys) -> list[seal.Ciphertext]:
+    """Evaluate a map: baby rotations per input ciphertext, Horner giant steps per output, one rescale."""
+    ev = backend.evaluator
+    dmap = emap.dmap
+    if len(inputs) != dmap.n_in:
+        raise ValueError(f"map expects {dmap.n_in} input ciphertexts, got {len(inputs)}")
+    inputs = [backend.mod_to(ct, emap.level) for ct in inputs]
+    for ct in inputs:
+        if abs(ct.scale / emap.in_scale - 1) > 1e-6:
+            raise ValueError(f"input scale {ct.scale} does not match the map's {emap.in_scale}")
+        ct.scale = emap.in_scale
+    max_baby: dict[int, int] = {}
+    for entries in emap.plaintexts.values():
+        for ci, _, b, _ in entries:
+            max_baby[ci] = max(max_baby.get(ci, 0), b)
+    babies: dict[int, list[seal.Ciphertext]] = {}
+    for ci, top in max_baby.items():
+        chain = [inputs[ci]]
+        for _ in range(top):
+            chain.append(backend.rotate(chain[-1], dmap.unit, galois))
+        babies[ci] = chain
+    outputs: list[seal.Ciphertext] = []
+    for co in range(dmap.n_out):
+        entries = emap.plaintexts.get(co)
+        if not entries:
+            raise ValueError(f"output ciphertext {co} of the map has no diagonals")
+        partial: dict[int, seal.Ciphertext] = {}
+        tmp = seal.Ciphertext()
+        for ci, g, b, pt in entries:
+            if g in partial:
+                ev.multiply_plain(babies[ci][b], pt, tmp)
+                ev.add_inplace(partial[g], tmp)
+            else:
+                partial[g] = seal.Ciphertext()
+                ev.multiply_plain(babies[ci][b], pt, partial[g])
+        result = partial.get(0)
+        for sign in (1, -1):
+            giants = sorted((g for g in partial if g * sign > 0), key=abs, reverse=True)
+            if not giants:
+                continue
+            acc = None
+            for g in range(giants[0], 0, -sign):
+                if g in partial:
+                    if acc is None:
+                        acc = partial[g]
+                    else:
+                        ev.add_inplace(acc, partial[g])
+                if acc is not None:
+                    acc = backend.rotate(acc, sign * dmap.giant, galois)
+            if result is None:
+                result = acc
+            else:
+                ev.add_inplace(result, acc)
+        ev.rescale_to_next_inplace(result)
+        result.scale = emap.out_scale
+        outputs.append(result)
+    return outputs

@@ -1,0 +1,158 @@
+"""How matrices are laid out in CKKS slots; pure numpy, shared by the server plan and the client half.
+
+Three layouts, each a map from logical indices to a global slot index; global slot g lives in
+ciphertext g // slots at slot g % slots:
+
+- feature-major  FM: (token t, feature f)          -> f * n_p + t         (linear layers: block rotations)
+- score          SL: (head h, key k, query i)      -> (h * n_p + k) * B + i
+- token-major    TM: (head h, token k, feature d)  -> (h * n_p + k) * B + d
+
+n_p is the token block (32, 64 or 128; a sentence of n tokens uses the smallest that holds it) and
+B = max(n_p, head_dim), so SL and TM share their block structure and a within-block mixing kernel maps
+one onto the other. Slots of padded tokens hold zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TOKEN_BLOCKS = (32, 64, 128)
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def token_block(n_tokens: int) -> int:
+    for n_p in TOKEN_BLOCKS:
+        if n_tokens <= n_p:
+            return n_p
+    raise LayoutError(f"{n_tokens} tokens exceed the maximum of {TOKEN_BLOCKS[-1]}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything about one sentence's packing that both sides must agree on."""
+
+    n: int  # real tokens
+    n_p: int  # token block
+    hidden: int
+    heads: int
+    intermediate: int
+    slots: int
+
+    @classmethod
+    def for_tokens(cls, n: int, hidden: int, heads: int, intermediate: int, slots: int) -> "Geometry":
+        if n < 1:
+            raise LayoutError("a sentence needs at least one token")
+        return cls(n=n, n_p=token_block(n), hidden=hidden, heads=heads, intermediate=intermediate, slots=slots)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def block(self) -> int:
+        return max(self.n_p, self.head_dim)
+
+    def cts(self, total_slots: int) -> int:
+        return -(-total_slots // self.slots)
+
+    def fm_cts(self, features: int) -> int:
+        return self.cts(features * self.n_p)
+
+    @property
+    def sl_cts(self) -> int:
+        return self.cts(self.heads * self.n_p * self.block)
+
+    # -- index maps ---------------------------------------------------------------------------
+    def fm_index(self, features: int) -> np.ndarray:
+        """[t, f] -> global slot, for t < n_p."""
+        t = np.arange(self.n_p)[:, None]
+        f = np.arange(features)[None, :]
+        return f * self.n_p + t
+
+    def sl_index(self) -> np.ndarray:
+        """[h, k, i] -> global slot."""
+        h = np.arange(self.heads)[:, None, None]
+        k = np.arange(self.n_p)[None, :, None]
+        i = np.arange(self.n_p)[None, None, :]
+        return (h * self.n_p + k) * self.block + i
+
+    def tm_index(self) -> np.ndarray:
+        """[h, k, d] -> global slot."""
+        h = np.arange(self.heads)[:, None, None]
+        k = np.arange(self.n_p)[None, :, None]
+        d = np.arange(self.head_dim)[None, None, :]
+        return (h * self.n_p + k) * self.block + d
+
+    # -- packing ------------------------------------------------------------------------------
+    def _scatter(self, index: np.ndarray, values: np.ndarray, n_cts: int) -> list[np.ndarray]:
+        flat = np.zeros(n_cts * self.slots)
+        flat[index.ravel()] = values.ravel()
+        return [flat[c * self.slots:(c + 1) * self.slots] for c in range(n_cts)]
+
+    @staticmethod
+    def _gather(index: np.ndarray, vectors: list[np.ndarray]) -> np.ndarray:
+        flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in vectors])
+        return flat[index]
+
+    def pack_fm(self, x: np.ndarray) -> list[np.ndarray]:
+        """(n, features) -> slot vectors; padded tokens are zero."""
+        n, features = x.shape
+        if n != self.n:
+            raise LayoutError(f"expected {self.n} tokens, got {n}")
+        padded = np.zeros((self.n_p, features))
+        padded[:n] = x
+        return self._scatter(self.fm_index(features), padded, self.fm_cts(features))
+
+    def unpack_fm(self, vectors: list[np.ndarray], features: int) -> np.ndarray:
+        return self._gather(self.fm_index(features), vectors)[: self.n]
+
+    def pack_sl(self, s: np.ndarray) -> list[np.ndarray]:
+        """(heads, n, n) indexed [h, k, i] -> slot vectors."""
+        padded = np.zeros((self.heads, self.n_p, self.n_p))
+        padded[:, : self.n, : self.n] = s[:, : self.n, : self.n]
+        return self._scatter(self.sl_index(), padded, self.sl_cts)
+
+    def unpack_sl(self, vectors: list[np.ndarray]) -> np.ndarray:
+        return self._gather(self.sl_index(), vectors)[:, : self.n, : self.n]
+
+    def pack_tm(self, x: np.ndarray) -> list[np.ndarray]:
+        """(n, hidden) -> token-major per head."""
+        per_head = np.zeros((self.heads, self.n_p, self.head_dim))
+        per_head[:, : self.n] = x.reshape(self.n, self.heads, self.head_dim).transpose(1, 0, 2)
+        return self._scatter(self.tm_index(), per_head, self.sl_cts)
+
+    # -- validity masks (1 on slots that hold real data) ---------------------------------------
+    def fm_valid(self, features: int) -> list[np.ndarray]:
+        return self.pack_fm(np.ones((self.n, features)))
+
+    def sl_valid(self) -> list[np.ndarray]:
+        return self.pack_sl(np.ones((self.heads, self.n, self.n)))
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "n_p": self.n_p, "hidden": self.hidden, "heads": self.heads,
+                "intermediate": self.intermediate, "slots": self.slots}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(**{k: int(d[k]) for k in ("n", "n_p", "hidden", "heads", "intermediate", "slots")})
+
+
+def client_scores(geo: Geometry, q_masked: np.ndarray, k_masked: np.ndarray, sigma: float) -> np.ndarray:
+    """The client's part of Q.K^T on masked operands: sigma * (Q+rQ)_h (K+rK)_h^T as [h, k, i]."""
+    dh = geo.head_dim
+    q = q_masked.reshape(geo.n, geo.heads, dh).transpose(1, 0, 2)  # h, i, d
+    k = k_masked.reshape(geo.n, geo.heads, dh).transpose(1, 0, 2)  # h, k, d
+    return sigma * np.einsum("hkd,hid->hki", k, q)
+
+
+def client_context(geo: Geometry, a_masked: np.ndarray, v_masked: np.ndarray) -> np.ndarray:
+    """The client's part of A.V on masked operands: (A+rA)(V+rV) as (n, hidden); a is [h, k, i]."""
+    dh = geo.head_dim
+    v = v_masked.reshape(geo.n, geo.heads, dh).transpose(1, 0, 2)  # h, k, e
+    out = np.einsum("hki,hke->hie", a_masked, v)
+    return out.transpose(1, 0, 2).reshape(geo.n, geo.hidden)
