@@ -86,12 +86,10 @@ class Health(BaseModel):
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
+# Bodies are CBF1 frame sets; the server also accepts Content-Type application/vnd.cipherbert.frames.
 FRAMES_BODY = {
     "required": True,
-    "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        FRAMES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-    },
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 ENVELOPE_RESPONSE = {
     200: {"description": "CBF1 frame set: frame 0 is a JSON header {inference_id, round, done, kind, meta, "

@@ -1,0 +1,89 @@
+"""Replicas on loopback: two API servers sharing a real redis-server, behind nginx (deploy/ settings).
+
+One inference's rounds deliberately cross replicas (client-side round robin puts round 1 on the other
+server), and through nginx the round-robin upstream does the same. Toy engine: cheap enough for every
+run; the real model through the same topology is in test_service_e2e.py (slow).
+"""
+
+import httpx
+import pytest
+
+from clients.sdk import Client
+from he_models.wire import pack_frames
+from service.protocol import unpack_envelope
+from service.testing import have, start_nginx, start_redis, start_server
+from service.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
+
+KEY = "acme-key-0001"
+pytestmark = pytest.mark.skipif(not have("redis-server"), reason="redis-server not installed (make system-deps)")
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replicas")
+    models = tmp / "models"
+    make_toy_model(models)
+    procs = []
+    try:
+        redis = start_redis(tmp)
+        procs.append(redis)
+        env = {"CIPHERBERT_REDIS_URL": redis.url, "CIPHERBERT_SECRET": "shared-secret-" + "x" * 20}
+        for name in ("replica-a", "replica-b"):
+            procs.append(start_server(tmp, api_keys=f"acme:{KEY},evil:evil-key-0001", models_dir=models,
+                                      engine="service.toyengine:ToyEngine", workers=1, replica_id=name, env=env))
+        nginx = None
+        if have("nginx"):
+            nginx = start_nginx(tmp, [procs[1].url, procs[2].url])
+            procs.append(nginx)
+        yield {"a": procs[1], "b": procs[2], "nginx": nginx, "models": models, "redis": redis}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_rounds_cross_replicas_with_client_round_robin(topology, tmp_path):
+    a, b = topology["a"], topology["b"]
+    with Client([a.url, b.url], KEY, cache_dir=tmp_path) as client:
+        results = client.classify_batch(["a fine film", "dreadful", "so so", "the best"])
+    for r in results:
+        assert r.rounds == 1 and len(set(r.replicas)) == 2, r.replicas
+    assert {"replica-a", "replica-b"} == {x for r in results for x in r.replicas}
+
+
+def test_replay_on_the_other_replica_is_refused(topology):
+    a, b = topology["a"], topology["b"]
+    h = {"Authorization": f"Bearer {KEY}"}
+    bundle = httpx.get(f"{a.url}/v1/models/toy/bundle", headers=h).json()
+    keys = ClientKeys.generate(bundle)
+    key_id = httpx.post(f"{a.url}/v1/keys", params={"model": "toy"}, content=keys.public_context_bytes(),
+                        headers=h).json()["key_id"]
+    assert httpx.get(f"{b.url}/v1/keys/{key_id}", headers=h).status_code == 200  # shared registry
+    assert httpx.get(f"{b.url}/v1/keys/{key_id}", headers={"Authorization": "Bearer evil-key-0001"}).status_code == 404
+    emb = Embedder(topology["models"] / "toy").embed("fine")
+    r = httpx.post(f"{b.url}/v1/inferences", params={"model": "toy", "key_id": key_id, "n_tokens": len(emb)},
+                   content=pack_frames(encrypt_embeddings(keys, emb)), headers=h)
+    header, frames = unpack_envelope(r.content)
+    import tenseal as ts
+
+    reply = pack_frames([ts.ckks_vector(keys.ctx, ts.ckks_vector_from(keys.ctx, f).decrypt()).serialize()
+                         for f in frames])
+    path = f"/v1/inferences/{header['inference_id']}/rounds/1"
+    th = {**h, "X-Cipherbert-Round-Token": header["round_token"]}
+    first = httpx.post(a.url + path, content=reply, headers=th)
+    assert first.status_code == 200 and first.headers["X-Cipherbert-Replica"] == "replica-a"
+    again = httpx.post(b.url + path, content=reply, headers=th)
+    assert again.status_code == 409 and again.json()["error"] == "inference_finished"
+
+
+@pytest.mark.skipif(not have("nginx"), reason="nginx not installed (make system-deps)")
+def test_through_nginx_load_balancer(topology, tmp_path):
+    nginx = topology["nginx"]
+    with Client(nginx.url, KEY, cache_dir=tmp_path) as client:
+        results = client.classify_batch([f"sentence number {i}" for i in range(6)])
+    seen = {x for r in results for x in r.replicas}
+    assert seen == {"replica-a", "replica-b"}
+    assert any(len(set(r.replicas)) == 2 for r in results)  # some inference crossed replicas via nginx
+    # a large body passes nginx (client_max_body_size) and gets the service's own 413/400, not nginx's
+    r = httpx.post(f"{nginx.url}/v1/keys", params={"model": "toy"}, content=b"\0" * (8 << 20),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]
