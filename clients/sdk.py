@@ -211,7 +211,7 @@ class Client:
         else:
             self.progress("generating CKKS keys (only the model's rotation steps; once per server and model)")
             t0 = time.perf_counter()
-            keys = mod.ClientKeys.generate(bundle)
+            keys = mod.ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
             save_secret(keys, secret_path)
             self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
         key_id = None
@@ -221,7 +221,7 @@ class Client:
                 key_id = None
         if key_id is None:
             key_id = self._register(keys, bundle, meta_path)
-        embedder = mod.Embedder(bdir)
+        embedder = _embedder(mod, bundle, bdir)
         self._sessions[model] = (keys, key_id, mod, embedder, bundle)
         return self._sessions[model]
 
@@ -235,7 +235,7 @@ class Client:
             raise
 
     def _register(self, keys, bundle: dict, meta_path: Path) -> str:
-        public = keys.public_context_bytes()
+        public = keys.public_keys_bytes()
         self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
         info = self._request("POST", "/v1/keys", params={"model": bundle["model_id"]}, content=public,
                              headers={"Content-Type": "application/octet-stream"}).json()
@@ -275,7 +275,7 @@ class Client:
         t0 = time.perf_counter()
         emb = np.asarray(embedder.embed(text))
         n_tokens = int(emb.shape[0])
-        frames = mod.encrypt_embeddings(keys, emb)
+        frames = mod.encrypt_embeddings(keys, emb, _geometry(mod, bundle, n_tokens))
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
             "/v1/inferences", frames,
@@ -307,6 +307,24 @@ class Client:
 
     def classify_batch(self, texts: list[str], model: str | None = None) -> list[Result]:
         return [self.classify(t, model=model) for t in texts]
+
+
+def _embedder(mod, bundle: dict, bundle_dir: Path):
+    if hasattr(mod, "sdk_embedder"):
+        return mod.sdk_embedder(bundle, bundle_dir)
+    from safetensors.numpy import load_file
+
+    tables = load_file(str(bundle_dir / "embeddings.safetensors"))
+    return mod.Embedder.from_files(bundle_dir / "tokenizer.json", tables, int(bundle["max_tokens"]))
+
+
+def _geometry(mod, bundle: dict, n_tokens: int):
+    if hasattr(mod, "sdk_geometry"):
+        return mod.sdk_geometry(bundle, n_tokens)
+    from he_models.layout import Geometry
+
+    return Geometry.for_tokens(n_tokens, int(bundle["hidden_size"]), int(bundle["num_heads"]),
+                               int(bundle["intermediate_size"]), int(bundle["ckks"]["poly_modulus_degree"]) // 2)
 
 
 def save_secret(keys, path: Path) -> None:

@@ -611,7 +611,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state is None:
             raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was already answered")
         try:
-            out = await svc.run_engine(tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames)
+            out = await svc.run_engine(tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames,
+                                      inference_id, round)
         except ApiError as exc:
             if exc.status >= 500 or exc.code == "tenant_busy":  # not the client's fault: keep the round open
                 await svc.db(svc.store.put_state, rec, state)

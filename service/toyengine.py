@@ -130,11 +130,16 @@ class ToyEngine:
         state = json.dumps({"inference_id": inference_id, "round": 1, "n_tokens": n_tokens}).encode()
         return StepOutput(inference_id, 1, False, [y.serialize()], state, "refresh", {"size": self.hidden})
 
-    def resume(self, ctx, state: bytes, replies: list[bytes]) -> StepOutput:
+    def resume(self, ctx, state: bytes, replies: list[bytes], *, inference_id: str | None = None,
+               round_no: int | None = None) -> StepOutput:
         try:
             st = json.loads(state)
         except Exception:
             raise EngineError("corrupt state") from None
+        if inference_id is not None and inference_id != st["inference_id"]:
+            raise EngineError("reply for another inference")
+        if round_no is not None and round_no != st["round"]:
+            raise EngineError(f"reply to round {round_no}, state awaits round {st['round']}")
         if len(replies) != 1:
             raise EngineError(f"expected 1 refreshed ciphertext, got {len(replies)}")
         z = self._vec(ctx, replies[0], "refreshed ciphertext")
@@ -158,14 +163,14 @@ class ClientKeys:
         self.ctx = ctx
 
     @classmethod
-    def generate(cls, bundle: dict) -> "ClientKeys":
-        ck = bundle["ckks"]
+    def generate(cls, params: dict, galois_steps: list[int]) -> "ClientKeys":
+        ck = params
         ctx = ts.context(ts.SCHEME_TYPE.CKKS, ck["poly_modulus_degree"], coeff_mod_bit_sizes=ck["coeff_mod_bit_sizes"])
         ctx.global_scale = 2 ** ck["scale_bits"]
         ctx.generate_galois_keys()
         return cls(ctx)
 
-    def public_context_bytes(self) -> bytes:
+    def public_keys_bytes(self) -> bytes:
         return self.ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
                                   save_relin_keys=True)
 
@@ -179,7 +184,7 @@ class ClientKeys:
         return cls(ctx)
 
 
-def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray) -> list[bytes]:
+def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray, geometry=None) -> list[bytes]:
     return [ts.ckks_vector(keys.ctx, row.tolist()).serialize() for row in np.asarray(embeddings)]
 
 
@@ -199,3 +204,12 @@ class Embedder:
 
     def embed(self, text: str) -> np.ndarray:
         return self.table[_tokens(text, self.table.shape[0], int(self.config["max_tokens"]))]
+
+
+# SDK hooks: how the SDK builds this client half's embedder and per-sentence geometry.
+def sdk_embedder(bundle: dict, bundle_dir) -> Embedder:
+    return Embedder(bundle_dir)
+
+
+def sdk_geometry(bundle: dict, n_tokens: int):
+    return None

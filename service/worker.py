@@ -119,8 +119,10 @@ def start(model_id: str, key_id: str, inference_id: str, n_tokens: int, frames: 
     return _pack(out, t0, loaded)
 
 
-def resume(model_id: str, key_id: str, state: bytes, frames: list[bytes]) -> dict:
+def resume(model_id: str, key_id: str, state: bytes, frames: list[bytes], inference_id: str,
+           round_no: int) -> dict:
+    """inference_id and round_no come from the verified round token: the engine checks the state agrees."""
     t0 = time.perf_counter()
     ctx, loaded = _context(model_id, key_id)
-    out = _engine(model_id).resume(ctx, state, frames)
+    out = _engine(model_id).resume(ctx, state, frames, inference_id=inference_id, round_no=round_no)
     return _pack(out, t0, loaded)

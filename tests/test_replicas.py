@@ -54,8 +54,8 @@ def test_replay_on_the_other_replica_is_refused(topology):
     a, b = topology["a"], topology["b"]
     h = {"Authorization": f"Bearer {KEY}"}
     bundle = httpx.get(f"{a.url}/v1/models/toy/bundle", headers=h).json()
-    keys = ClientKeys.generate(bundle)
-    key_id = httpx.post(f"{a.url}/v1/keys", params={"model": "toy"}, content=keys.public_context_bytes(),
+    keys = ClientKeys.generate(bundle['ckks'], bundle['galois_steps'])
+    key_id = httpx.post(f"{a.url}/v1/keys", params={"model": "toy"}, content=keys.public_keys_bytes(),
                         headers=h).json()["key_id"]
     assert httpx.get(f"{b.url}/v1/keys/{key_id}", headers=h).status_code == 200  # shared registry
     assert httpx.get(f"{b.url}/v1/keys/{key_id}", headers={"Authorization": "Bearer evil-key-0001"}).status_code == 404

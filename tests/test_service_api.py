@@ -43,8 +43,8 @@ def h(key=ACME, **extra):
 def registered(server):
     """A toy key pair registered for tenant acme: (keys, key_id, embedder)."""
     bundle = httpx.get(f"{server.url}/v1/models/toy/bundle", headers=h()).json()
-    keys = ClientKeys.generate(bundle)
-    r = httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=keys.public_context_bytes(),
+    keys = ClientKeys.generate(bundle['ckks'], bundle['galois_steps'])
+    r = httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=keys.public_keys_bytes(),
                    headers=h(**{"Content-Type": "application/octet-stream"}))
     assert r.status_code == 201, r.text
     return keys, r.json()["key_id"], Embedder(server.extra["models"] / "toy")
@@ -184,7 +184,7 @@ def test_key_registry_checks(server, registered):
     assert_error(httpx.post(url, params={"model": "toy"}, content=other.serialize(save_secret_key=False),
                             headers=h()), 400)
     # multipart upload of the public context
-    r = httpx.post(url, data={"model": "toy"}, files={"context": ("ctx", keys.public_context_bytes())}, headers=h())
+    r = httpx.post(url, data={"model": "toy"}, files={"context": ("ctx", keys.public_keys_bytes())}, headers=h())
     assert r.status_code == 201, r.text
     extra = r.json()["key_id"]
     # tenant isolation: evil cannot see, use or delete acme's key
@@ -199,7 +199,7 @@ def test_key_registry_checks(server, registered):
 
 def test_expired_key_is_refused(server, registered):
     keys, _, embedder = registered
-    r = httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=keys.public_context_bytes(), headers=h())
+    r = httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=keys.public_keys_bytes(), headers=h())
     key_id = r.json()["key_id"]
     db = sqlite3.connect(server.extra["data_dir"] / "store.sqlite3")
     db.execute("UPDATE keys SET expires_at = ? WHERE key_id = ?", (time.time() - 1, key_id))

@@ -104,8 +104,8 @@ def test_redis_store(tmp_path):
 
 def test_context_with_secret_key_is_refused(tmp_path):
     engine = ToyEngine.load(make_toy_model(tmp_path), b"s" * 32)
-    keys = ClientKeys.generate(engine.client_bundle())
-    public = keys.public_context_bytes()
+    keys = ClientKeys.generate(engine.client_bundle()['ckks'], [])
+    public = keys.public_keys_bytes()
     assert not ts.context_from(public).has_secret_key()
     engine.load_context(public)
     with pytest.raises(EngineError, match="secret key"):
