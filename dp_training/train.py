@@ -1,0 +1,557 @@
+"""DP fine-tuning of an HE-friendly student (Opacus DP-SGD), and the non-DP baseline it is compared to.
+
+`finetune(FinetuneConfig)` reads labelled text through cipherbert.data, splits it (identical texts in
+one split), trains a DP twin of the model (see dp_training/modules.py for what is frozen and why),
+and writes a model directory in the format of models/<name>/ plus privacy_report.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from cipherbert.data import DatasetError, Example, fingerprint, load_examples, load_sst2_dev, stratified_split
+from dp_training.modules import export_state_dict, make_dp_twin, set_recorders_training, trainable_summary
+from he_models.config import HEConfig
+from he_models.model import HEFriendlyBert
+
+REPORT_NAME = "privacy_report.json"
+MODEL_FILES = ("config.json", "model.safetensors")
+NOT_COPIED = set(MODEL_FILES) | {REPORT_NAME}
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class DPTrainingError(ValueError):
+    """A fine-tuning request that cannot run; the message says which argument or file."""
+
+
+@dataclass
+class FinetuneConfig:
+    data: str
+    base: str
+    out: str
+    epsilon: float | None = 8.0  # None: no DP (the baseline)
+    delta: float | None = None  # None: default_delta(n_train)
+    epochs: int = 3
+    accountant: str = "rdp"
+    batch_size: int = 256  # expected logical batch (Poisson: sample_rate = batch_size / n_train)
+    physical_batch_size: int = 64  # BatchMemoryManager's bound on what is in memory at once
+    max_grad_norm: float = 1.0
+    lr: float = 2e-3
+    max_length: int = 64
+    seed: int = 0
+    split_seed: int = 13
+    holdout: float = 0.2  # fraction held out: half dev, half test (the reported utility)
+    reinit_head: bool = True
+    progress: bool = True
+    keep_checkpoints: bool = False
+    resume: bool = False
+    range_data: str | None = None  # public text to record polynomial input ranges on (default SST-2 dev)
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def default_delta(n: int) -> float:
+    """The largest power of ten at most 1/(10 n): 1e-5 for the 3.9k SMS training rows."""
+    return 10.0 ** math.floor(math.log10(1.0 / (10.0 * n)))
+
+
+# --- tokenizer and data ---
+
+def load_tokenizer(model_dir: str | Path, max_length: int):
+    from tokenizers import Tokenizer
+
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    elif (model_dir / "vocab.txt").exists():
+        from tokenizers import BertWordPieceTokenizer
+
+        lower = True
+        cfg = model_dir / "tokenizer_config.json"
+        if cfg.exists():
+            lower = bool(json.loads(cfg.read_text()).get("do_lower_case", True))
+        tok = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=lower)
+    else:
+        raise DPTrainingError(f"{model_dir}: no tokenizer.json or vocab.txt in the base model directory")
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok
+
+
+@dataclass
+class Encoded:
+    ids: torch.Tensor  # (n, max_length) long, padded with pad_id
+    mask: torch.Tensor  # (n, max_length) long
+    labels: torch.Tensor  # (n,) long
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(self.ids, self.mask, self.labels)
+
+
+def encode(examples: list[Example], tok, max_length: int, pad_id: int, vocab_size: int) -> Encoded:
+    n = len(examples)
+    ids = torch.full((n, max_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, max_length), dtype=torch.long)
+    truncated = 0
+    encodings = tok.encode_batch([ex.text for ex in examples])
+    for i, enc in enumerate(encodings):
+        row = enc.ids[:max_length]
+        if enc.overflowing:
+            truncated += 1
+        if max(row) >= vocab_size:
+            raise DPTrainingError(f"tokenizer produced id {max(row)} >= model vocab_size {vocab_size}")
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    return Encoded(ids, mask, labels, truncated)
+
+
+def trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns no row of the batch uses (a batch-level length, not a per-sample one)."""
+    if ids.shape[0] == 0:
+        return ids[:, :1], mask[:, :1]
+    length = int(mask.sum(1).max().clamp_min(1))
+    return ids[:, :length], mask[:, :length]
+
+
+# --- metrics ---
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (n, labels), per-example cross-entropy loss (n,)) in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, losses = [], []
+    for start in range(0, len(data), batch_size):
+        ids, mask = trim(data.ids[start:start + batch_size], data.mask[start:start + batch_size])
+        out = model(ids, mask).logits
+        logits.append(out)
+        losses.append(F.cross_entropy(out, data.labels[start:start + batch_size], reduction="none"))
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(losses).numpy()
+
+
+def utility(logits: np.ndarray, labels: np.ndarray, positive: int = 1) -> dict:
+    from sklearn.metrics import f1_score
+
+    pred = logits.argmax(-1)
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "f1_label_1": float(f1_score(labels, pred, pos_label=positive, average="binary", zero_division=0))
+        if logits.shape[1] == 2 else float(f1_score(labels, pred, labels=[positive], average="macro",
+                                                     zero_division=0)),
+        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+        "n": int(len(labels)),
+    }
+
+
+def membership_audit(member_loss: np.ndarray, member_logits: np.ndarray, member_labels: np.ndarray,
+                     out_loss: np.ndarray, out_logits: np.ndarray, out_labels: np.ndarray,
+                     seed: int = 0) -> dict:
+    """Membership-inference AUCs (members = training rows, non-members = held-out rows).
+
+    * loss: the loss-threshold attack (Yeom et al. 2018): score = -loss.
+    * class_calibrated: a stronger, LiRA-style offline attack without shadow models. The score is the
+      logit-scaled confidence phi = log(p_y / (1 - p_y)), standardised with the mean/std of phi over
+      a *reference* half of the non-members of the same class (an attacker with population data),
+      and evaluated on the other half of the non-members against an equal number of members.
+      It removes the per-class offset (spam vs ham losses differ a lot), which a single threshold
+      cannot.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(member_loss)), np.zeros(len(out_loss))]
+    result = {"loss": float(roc_auc_score(y, -np.r_[member_loss, out_loss])),
+              "members": int(len(member_loss)), "non_members": int(len(out_loss))}
+
+    def phi(logits, labels):
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        lp = logp[np.arange(len(labels)), labels]
+        return lp - np.log1p(-np.minimum(np.exp(lp), 1 - 1e-12))
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(out_loss))
+    ref, test = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    phi_out, phi_in = phi(out_logits, out_labels), phi(member_logits, member_labels)
+    stats = {}
+    for c in np.unique(np.r_[member_labels, out_labels]):
+        r = phi_out[ref][out_labels[ref] == c]
+        stats[int(c)] = (r.mean(), r.std() + 1e-6) if len(r) > 1 else (0.0, 1.0)
+
+    def score(ph, labels):
+        return np.array([(p - stats[int(c)][0]) / stats[int(c)][1] for p, c in zip(ph, labels)])
+
+    members = rng.permutation(len(member_loss))[: len(test)]
+    if len(test) and len(members) and len(set(np.r_[np.ones(len(members)), np.zeros(len(test))])) == 2:
+        s = np.r_[score(phi_in[members], member_labels[members]), score(phi_out[test], out_labels[test])]
+        yy = np.r_[np.ones(len(members)), np.zeros(len(test))]
+        result["class_calibrated"] = float(roc_auc_score(yy, s))
+    return result
+
+
+# --- model I/O ---
+
+def load_base(base: str | Path, num_labels: int, reinit_head: bool, seed: int) -> tuple[HEFriendlyBert, dict]:
+    base = Path(base)
+    if not (base / "config.json").exists():
+        raise DPTrainingError(f"{base}: not a model directory (no config.json)")
+    model = HEFriendlyBert.from_pretrained(base)
+    info = {"base_num_labels": model.config.num_labels, "head_reinitialised": False}
+    if reinit_head or model.config.num_labels != num_labels:
+        gen = torch.Generator().manual_seed(seed)
+        head = nn.Linear(model.config.hidden_size, num_labels)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+            head.bias.zero_()
+        model.classifier = head
+        model.config.num_labels = num_labels
+        info["head_reinitialised"] = True
+    return model, info
+
+
+@torch.no_grad()
+def record_public_ranges(model: HEFriendlyBert, base_ranges: dict, texts: list[str], tok,
+                         max_length: int) -> dict:
+    """Polynomial input ranges for config.json, from *public* text only, unioned with the base's.
+
+    The ranges end up in the published config; recording them on the private training set would
+    release exact extremes of private activations (not covered by DP). Running the DP model on public
+    text is post-processing, so it costs no privacy.
+    """
+    from he_models.model import RangeRecorder
+
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, RangeRecorder):
+            m.lo.fill_(float("inf"))
+            m.hi.fill_(float("-inf"))
+    set_recorders_training(model, True)
+    examples = [Example(t, 0) for t in texts]
+    data = encode(examples, tok, max_length, model.config.pad_token_id, model.config.vocab_size)
+    for start in range(0, len(data), 256):
+        ids, mask = trim(data.ids[start:start + 256], data.mask[start:start + 256])
+        model(ids, mask)
+    set_recorders_training(model, False)
+    recorded = model.recorded_ranges()
+    merged = dict(base_ranges)
+    for key, (lo, hi) in recorded.items():
+        if key in merged:
+            merged[key] = [min(lo, merged[key][0]), max(hi, merged[key][1])]
+        else:
+            merged[key] = [lo, hi]
+    # make the recorders hold the merged ranges so save_pretrained writes them
+    names = {f"layers.{i}.softmax": layer.attn.recorder for i, layer in enumerate(model.layers)}
+    names.update({f"layers.{i}.gelu": layer.act.recorder for i, layer in enumerate(model.layers)})
+    if model.pooler is not None:
+        names["pooler"] = model.pooler_recorder
+    for key, rec in names.items():
+        if key in merged:
+            rec.lo.fill_(merged[key][0])
+            rec.hi.fill_(merged[key][1])
+    model.config.ranges = merged
+    return merged
+
+
+def write_model_dir(model: HEFriendlyBert, base: Path, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    copied = []
+    for f in sorted(base.iterdir()):
+        if f.is_file() and f.name not in NOT_COPIED:
+            shutil.copy2(f, out / f.name)
+            copied.append(f.name)
+    return copied
+
+
+# --- training ---
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def prepare(cfg: FinetuneConfig):
+    """Data, splits, tokenizer and the starting model: shared by finetune() and the sweep."""
+    try:
+        examples = load_examples(cfg.data)
+    except DatasetError:
+        raise
+    labels = sorted({ex.label for ex in examples})
+    num_labels = labels[-1] + 1
+    if len(labels) < 2:
+        raise DPTrainingError(f"{cfg.data}: need at least two distinct labels, found {labels}")
+    half = cfg.holdout / 2
+    splits = stratified_split(examples, seed=cfg.split_seed, fractions=(1 - cfg.holdout, half, half))
+    if not splits.train or not splits.test:
+        raise DPTrainingError(f"{cfg.data}: too few rows ({len(examples)}) for a train/held-out split")
+    base = Path(cfg.base)
+    model, head_info = load_base(base, num_labels, cfg.reinit_head, cfg.seed)
+    max_length = min(cfg.max_length, model.config.max_position)
+    tok = load_tokenizer(base, max_length)
+    enc = {name: encode(part, tok, max_length, model.config.pad_token_id, model.config.vocab_size)
+           for name, part in (("train", splits.train), ("dev", splits.dev), ("test", splits.test))}
+    data_info = {
+        "file": str(cfg.data), "rows": len(examples), "fingerprint": fingerprint(examples),
+        "num_labels": num_labels, "label_counts": {str(c): sum(ex.label == c for ex in examples) for c in labels},
+        "split": {k: len(v) for k, v in enc.items()}, "split_seed": cfg.split_seed,
+        "split_rule": "stratified by label; identical texts kept in one split (cipherbert.data.stratified_split)",
+        "max_length": max_length, "truncated_rows": sum(v.truncated for v in enc.values()),
+    }
+    return model, head_info, tok, enc, data_info
+
+
+def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
+    """Train, evaluate, audit and write the model directory; returns the privacy report dict."""
+    if cfg.accountant not in ACCOUNTANTS:
+        raise DPTrainingError(f"accountant {cfg.accountant!r}: choose one of {list(ACCOUNTANTS)}")
+    if cfg.epsilon is not None and not (cfg.epsilon > 0 and math.isfinite(cfg.epsilon)):
+        raise DPTrainingError(f"epsilon must be a positive finite number, got {cfg.epsilon}")
+    if cfg.epochs < 1:
+        raise DPTrainingError(f"epochs must be >= 1, got {cfg.epochs}")
+    _set_threads(cfg.threads)
+    import warnings
+
+    # the first encoder layer's input (frozen embeddings) needs no gradient: expected, not a problem
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in docs/dp.md
+    model, head_info, tok, enc, data_info = prepared if prepared is not None else prepare(cfg)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_ranges = dict(model.config.ranges)
+    n_train = len(enc["train"])
+    delta = cfg.delta if cfg.delta is not None else default_delta(n_train)
+    if not 0 < delta < 1:
+        raise DPTrainingError(f"delta must be in (0, 1), got {delta}")
+    if cfg.epsilon is not None and delta >= 1.0 / n_train:
+        raise DPTrainingError(f"delta {delta} is not below 1/n = {1.0 / n_train:.3g}; pick a smaller one")
+
+    torch.manual_seed(cfg.seed)
+    twin = make_dp_twin(model)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    batch_size = min(cfg.batch_size, n_train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(enc["train"].dataset(), batch_size=batch_size, shuffle=True, generator=gen)
+    privacy_engine = None
+    dp = cfg.epsilon is not None
+    if dp:
+        from opacus import PrivacyEngine
+
+        privacy_engine = PrivacyEngine(accountant=cfg.accountant)
+        train_module, optimizer, loader = privacy_engine.make_private_with_epsilon(
+            module=twin, optimizer=optimizer, data_loader=loader, target_epsilon=cfg.epsilon,
+            target_delta=delta, epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode="hooks")
+        noise_multiplier = float(optimizer.noise_multiplier)
+        sample_rate = float(1.0 / len(loader))
+        sort_poisson_batches(loader, enc["train"].mask.sum(1).tolist())
+    else:
+        train_module = twin
+        noise_multiplier, sample_rate = 0.0, batch_size / n_train
+
+    start_epoch = 0
+    ckpt_path = ckpt_dir / "last.pt"
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["fingerprint"] != data_info["fingerprint"] or state["epsilon"] != cfg.epsilon:
+            raise DPTrainingError(f"{ckpt_path}: checkpoint is for other data or epsilon; remove it or drop --resume")
+        twin.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if privacy_engine is not None:
+            privacy_engine.accountant.load_state_dict(state["accountant"])
+        torch.set_rng_state(state["rng"])
+        gen.set_state(state["loader_rng"])
+        start_epoch = state["epoch"]
+
+    train_samples, train_seconds, history = 0, 0.0, []
+    for epoch in range(start_epoch, cfg.epochs):
+        train_module.train()
+        t0 = time.perf_counter()
+        seen, loss_sum = 0, 0.0
+        if dp:
+            from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.physical_batch_size,
+                                    optimizer=optimizer) as memory_safe_loader:
+                bar = tqdm(memory_safe_loader, desc=f"DP epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not cfg.progress, leave=False)
+                for ids, mask, labels in bar:
+                    loss = _step(train_module, optimizer, ids, mask, labels)
+                    seen += len(labels)
+                    loss_sum += loss * len(labels)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+        else:
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            for ids, mask, labels in bar:
+                loss = _accumulated_step(train_module, optimizer, ids, mask, labels, cfg.physical_batch_size)
+                seen += len(labels)
+                loss_sum += loss * len(labels)
+                bar.set_postfix(loss=f"{loss:.3f}")
+        dt = time.perf_counter() - t0
+        train_samples += seen
+        train_seconds += dt
+        dev_logits, _ = predict(twin, enc["dev"]) if len(enc["dev"]) else (np.zeros((0, 2)), None)
+        dev = utility(dev_logits, enc["dev"].labels.numpy()) if len(enc["dev"]) else {}
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "samples": seen,
+                 "seconds": round(dt, 2), "dev": dev}
+        if privacy_engine is not None:
+            entry["epsilon_so_far"] = privacy_engine.get_epsilon(delta)
+        history.append(entry)
+        if cfg.progress:
+            tqdm.write(json.dumps(entry))
+        torch.save({"model": twin.state_dict(), "optimizer": optimizer.state_dict(),
+                    "accountant": privacy_engine.accountant.state_dict() if privacy_engine else None,
+                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "epoch": epoch + 1,
+                    "fingerprint": data_info["fingerprint"], "epsilon": cfg.epsilon}, ckpt_path)
+
+    if privacy_engine is not None:
+        steps = int(sum(h[2] for h in privacy_engine.accountant.history))
+        spent = float(privacy_engine.get_epsilon(delta))
+    else:
+        steps = cfg.epochs * len(loader)
+        spent = None
+
+    # export: back to HEFriendlyBert's names and format
+    final = HEFriendlyBert(copy.deepcopy(model.config))
+    final.load_state_dict(export_state_dict(twin, base_state), strict=True)
+    final.eval()
+    test_logits, test_loss = predict(final, enc["test"])
+    train_logits, train_loss = predict(final, enc["train"])
+    out_enc = Encoded(torch.cat([enc["dev"].ids, enc["test"].ids]), torch.cat([enc["dev"].mask, enc["test"].mask]),
+                      torch.cat([enc["dev"].labels, enc["test"].labels]), 0)
+    out_logits, out_loss = predict(final, out_enc)
+    test_util = utility(test_logits, enc["test"].labels.numpy())
+    mia = membership_audit(train_loss, train_logits, enc["train"].labels.numpy(),
+                           out_loss, out_logits, out_enc.labels.numpy(), seed=cfg.seed)
+
+    range_texts = ([ex.text for ex in load_examples(cfg.range_data)] if cfg.range_data
+                   else [ex.text for ex in load_sst2_dev()])
+    ranges = record_public_ranges(final, base_ranges, range_texts, tok, data_info["max_length"])
+    copied = write_model_dir(final, Path(cfg.base), out)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    report = {
+        "dp": dp,
+        "epsilon": spent,
+        "target_epsilon": cfg.epsilon,
+        "delta": delta,
+        "accountant": cfg.accountant if dp else None,
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "epochs": cfg.epochs,
+        "max_grad_norm": cfg.max_grad_norm if dp else None,
+        "dataset_size": n_train,
+        "batch_size": batch_size,
+        "physical_batch_size": cfg.physical_batch_size if dp else None,
+        "poisson_sampling": dp,
+        "clipping": "flat per-sample (all trainable parameters together)" if dp else None,
+        "optimizer": {"name": "Adam", "lr": cfg.lr},
+        "secure_mode": False,
+        "utility": {"split": "test", **test_util},
+        "membership_inference_auc": mia,
+        "throughput": {"samples_per_s": train_samples / train_seconds if train_seconds else None,
+                       "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads()},
+        "data": data_info,
+        "base_model": str(cfg.base),
+        **head_info,
+        **trainable_summary(twin),
+        "frozen_reason": ("embedding block (word/position tables, embedding LayerNorm) is computed by the "
+                          "client from the published bundle; AffineNorm running statistics are fixed "
+                          "(eval-mode normalisation) so each sample's output depends only on itself"),
+        "ranges": {"source": "public text: " + (cfg.range_data or "SST-2 dev (data/sst2-dev.tsv)")
+                   + ", unioned with the base model's ranges", "values": ranges},
+        "copied_from_base": copied,
+        "history": history,
+        "seed": cfg.seed,
+        "versions": versions(),
+    }
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _step(module: nn.Module, optimizer, ids, mask, labels) -> float:
+    ids, mask = trim(ids, mask)
+    optimizer.zero_grad(set_to_none=True)
+    logits = module(ids, mask).logits
+    if len(labels):
+        loss = F.cross_entropy(logits, labels)
+    else:  # an empty Poisson batch: still a step (noise only), no data term
+        loss = logits.sum() * 0.0
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _accumulated_step(module: nn.Module, optimizer, ids, mask, labels, physical: int) -> float:
+    """Non-DP step over one batch, computed in length-sorted chunks like the DP path (same padding work)."""
+    optimizer.zero_grad(set_to_none=True)
+    order = torch.argsort(mask.sum(1))
+    total = 0.0
+    for start in range(0, len(order), physical):
+        idx = order[start:start + physical]
+        cid, cmask = trim(ids[idx], mask[idx])
+        loss = F.cross_entropy(module(cid, cmask).logits, labels[idx], reduction="sum") / len(labels)
+        loss.backward()
+        total += float(loss.detach())
+    optimizer.step()
+    return total
+
+
+def sort_poisson_batches(loader, lengths: list[int]) -> None:
+    """Make the DP loader's Poisson sampler emit each logical batch sorted by token length.
+
+    BatchMemoryManager then cuts it into physical batches of similar length, so `trim` removes most
+    padding. The logical batch (which records are in it) is unchanged, so the sampling analysis and
+    the accountant are unaffected; only the order of computation within a step changes.
+    """
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = loader.batch_sampler
+    if type(sampler) is not UniformWithReplacementSampler:
+        return
+
+    class LengthSortedUniformSampler(UniformWithReplacementSampler):
+        def __iter__(self):
+            for indices in super().__iter__():
+                yield sorted(indices, key=lengths.__getitem__)
+
+    sampler.__class__ = LengthSortedUniformSampler
+
+
+def versions() -> dict:
+    import platform
+
+    import opacus
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__}
+
+
+def recompute_epsilon(report: dict) -> float:
+    """Epsilon from the recorded hyperparameters with a fresh accountant (what the tests check)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(report["accountant"])
+    acc.history = [(report["noise_multiplier"], report["sample_rate"], report["steps"])]
+    return float(acc.get_epsilon(report["delta"]))
