@@ -37,6 +37,10 @@ class RangeRecorder(nn.Module):
                     self.hi.copy_(torch.maximum(self.hi, values.max().float()))
         return x
 
+    def reset(self) -> None:
+        self.lo.fill_(float("inf"))
+        self.hi.fill_(float("-inf"))
+
     def as_list(self) -> list[float] | None:
         if not torch.isfinite(self.lo) or not torch.isfinite(self.hi):
             return None
@@ -86,6 +90,24 @@ def make_norm(config: HEConfig) -> nn.Module:
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return norm(x, valid) if isinstance(norm, AffineNorm) else norm(x)
+
+
+def fit_gelu(lo: float, hi: float, degree: int = 2, samples: torch.Tensor | None = None) -> list[float]:
+    """Least-squares polynomial fit of exact GELU on [lo, hi], coefficients lowest degree first.
+
+    With `samples` (observed inputs), the fit is weighted by their empirical distribution (clipped to
+    the range), which is what matters for accuracy; otherwise uniform on the interval.
+    """
+    if not hi > lo:
+        raise ValueError(f"empty range [{lo}, {hi}]")
+    if samples is not None and samples.numel() > 16:
+        x = samples.detach().double().flatten().clamp(lo, hi)
+    else:
+        x = torch.linspace(lo, hi, 2001, dtype=torch.float64)
+    y = F.gelu(x)
+    vander = torch.stack([x ** k for k in range(degree + 1)], 1)
+    coeffs = torch.linalg.lstsq(vander, y[:, None]).solution[:, 0]
+    return [float(c) for c in coeffs]
 
 
 def poly(x: torch.Tensor, coeffs: list[float] | tuple[float, ...]) -> torch.Tensor:
@@ -139,6 +161,8 @@ class SelfAttention(nn.Module):
         key_valid = mask[:, None, None, :].bool()
         pair_valid = key_valid & mask[:, None, :, None].bool()
         self.recorder(scores, pair_valid.expand_as(scores))
+        # Kept (training only) so a trainer can penalise scores outside a bound; no effect on outputs.
+        self._last_scores = scores.masked_fill(~pair_valid, 0.0) if self.training else None
         if self.kind == "exact":
             probs = torch.softmax(scores.masked_fill(~key_valid, torch.finfo(scores.dtype).min), dim=-1)
         else:

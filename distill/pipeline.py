@@ -1,0 +1,333 @@
+"""The whole run: data -> teacher fine-tune -> cached teacher outputs -> students -> shipped model + metrics.
+
+Every stage writes its result under work_dir and is skipped when that result exists, and the long
+stages checkpoint inside themselves, so killing the command and running it again continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cipherbert.data import DatasetError, Example, load_examples, load_sst2_dev, sentiment_splits  # noqa: E402
+from distill.batching import Encoded, encode  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_task(cfg: dict) -> dict[str, list[Example]]:
+    data = cfg["data"]
+    if data["task"] == "sentiment":
+        splits, removed = sentiment_splits(seed=cfg["seed"])
+        parts = {"train": splits.train, "dev": splits.dev, "test": splits.test}
+        if data["test"]:
+            parts["test"] = load_examples(data["test"])
+    else:
+        parts = {"train": load_examples(data["train"]), "dev": load_examples(data["dev"])}
+        parts["test"] = load_examples(data["test"]) if data["test"] else []
+    if data["sst2_dev"]:
+        parts["sst2_dev"] = load_sst2_dev()
+    if data["limit_train"]:
+        parts["train"] = parts["train"][: data["limit_train"]]
+    if data["limit_eval"]:
+        for key in ("dev", "test", "sst2_dev"):
+            if key in parts:
+                parts[key] = parts[key][: data["limit_eval"]]
+    labels = {ex.label for ex in parts["train"]}
+    if len(labels) < 2:
+        raise DatasetError(f"training data has a single label {sorted(labels)}; need at least two classes")
+    num_labels = max(max(ex.label for ex in part) for part in parts.values() if part) + 1
+    parts["_num_labels"] = num_labels  # type: ignore[assignment]
+    return parts
+
+
+def encode_parts(parts: dict, tokenizer, max_len: int) -> dict[str, Encoded]:
+    return {k: encode(tokenizer, [e.text for e in v], [e.label for e in v], max_len)
+            for k, v in parts.items() if not k.startswith("_") and v}
+
+
+def teacher_stage(cfg: dict, parts: dict, device: torch.device):
+    """Fine-tuned teacher (loaded from work_dir/teacher when already done) and its tokenizer."""
+    from distill.teacher import finetune_teacher, load_teacher, save_teacher
+
+    work = Path(cfg["work_dir"])
+    done_dir = work / "teacher"
+    num_labels = parts["_num_labels"]
+    if (done_dir / "DONE").exists():
+        teacher, tok = load_teacher(done_dir, num_labels)
+        info = json.loads((done_dir / "DONE").read_text())
+        log(f"teacher: loaded fine-tuned teacher from {done_dir} (dev {info.get('dev_accuracy')})")
+        return teacher.to(device), tok, info
+    tcfg = cfg["teacher"]
+    teacher, tok = load_teacher(tcfg["path"], num_labels)
+    enc = encode_parts(parts, tok, cfg["data"]["max_len"])
+    info = {"source": teacher.source, "finetuned": False, "seconds": 0.0}
+    if tcfg["finetune"] and tcfg["epochs"] > 0:
+        res = finetune_teacher(
+            teacher, enc["train"], enc["dev"], epochs=tcfg["epochs"], lr=tcfg["lr"],
+            batch_size=tcfg["batch_size"], device=device, seed=cfg["seed"], ckpt_dir=work / "teacher_ckpt",
+            warmup=tcfg["warmup"], weight_decay=tcfg["weight_decay"], progress=cfg["progress"], log=log)
+        info.update(finetuned=True, dev_accuracy=res["dev_accuracy"], seconds=res["seconds"],
+                    history=res["history"], epochs=tcfg["epochs"], lr=tcfg["lr"])
+    save_teacher(teacher, tok, done_dir, meta=info)
+    (done_dir / "DONE").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(work / "teacher_ckpt", ignore_errors=True)
+    return teacher.to(device), tok, info
+
+
+def teacher_outputs(cfg: dict, teacher, tok, parts: dict, enc: dict, device: torch.device) -> dict:
+    """Cached teacher logits for every split and the augmented sentences (work_dir/teacher_logits.pt)."""
+    from distill.augment import augment
+    from distill.teacher import predict_logits
+
+    path = Path(cfg["work_dir"]) / "teacher_logits.pt"
+    copies = cfg["distill"]["augment"]
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached.get("augment") == copies and cached.get("n_train") == len(enc["train"]):
+            log(f"teacher logits: loaded from {path}")
+            return cached
+    bs = cfg["teacher"]["batch_size"] * 2
+    out: dict = {"augment": copies, "n_train": len(enc["train"])}
+    for key, data in enc.items():
+        out[key] = predict_logits(teacher, data, bs, device, desc=f"teacher logits {key}", progress=cfg["progress"])
+    aug_texts = augment([e.text for e in parts["train"]], copies, seed=cfg["seed"])
+    out["aug_texts"] = aug_texts
+    if aug_texts:
+        aug = encode(tok, aug_texts, [-1] * len(aug_texts), cfg["data"]["max_len"])
+        out["aug"] = predict_logits(teacher, aug, bs, device, desc="teacher logits aug", progress=cfg["progress"])
+    torch.save(out, path)
+    log(f"teacher logits: {len(enc['train'])} train, {len(aug_texts)} augmented sentences cached in {path}")
+    return out
+
+
+def hidden_outputs(cfg: dict, teacher, enc: dict, he_cfg, device: torch.device):
+    from distill.cache import HiddenCache, default_layer_map
+
+    path = Path(cfg["work_dir"]) / "teacher_hidden.pt"
+    layer_map = cfg["distill"]["layer_map"] or default_layer_map(he_cfg.num_layers, teacher.num_layers)
+    if len(layer_map) != he_cfg.num_layers or not all(1 <= t <= teacher.num_layers for t in layer_map):
+        from he_models.config import ConfigError
+
+        raise ConfigError(f"config field distill.layer_map {layer_map} must give one teacher layer "
+                          f"(1..{teacher.num_layers}) per student layer ({he_cfg.num_layers})")
+    if path.exists():
+        cache = HiddenCache.load(path)
+        if cache.layer_map == layer_map and len(cache.lengths) == len(enc["train"]):
+            log(f"teacher hidden states: loaded from {path}")
+            return cache
+    t0 = time.time()
+    cache = HiddenCache.build(teacher, enc["train"], layer_map, he_cfg.num_heads,
+                              cfg["teacher"]["batch_size"] * 2, device, progress=cfg["progress"])
+    cache.save(path)
+    log(f"teacher hidden states: layers {[0] + layer_map} cached ({time.time() - t0:.0f}s)")
+    return cache
+
+
+def student_config(cfg: dict, overrides: dict, tok, num_labels: int, name: str):
+    from he_models.config import HEConfig
+
+    fields = {"vocab_size": len(tok), "num_labels": num_labels, "name": name,
+              "pad_token_id": tok.pad_token_id or 0, **cfg["student"], **overrides}
+    return HEConfig(**fields)
+
+
+def run_student(cfg: dict, name: str, he_cfg, teacher, enc: dict, logits: dict, hidden, device, *,
+                stage1_epochs: int, stage2_epochs: int, pca_init: bool = True, use_aug: bool = True,
+                use_kd: bool = True):
+    """Train (or load) one student; returns (model, result dict with accuracies)."""
+    from distill.batching import encode as _encode
+    from distill.student import StudentRun, accuracy, build_student, predict
+    from he_models.model import HEFriendlyBert
+
+    sdir = Path(cfg["work_dir"]) / "students" / name
+    done = sdir / "DONE.json"
+    if done.exists():
+        result = json.loads(done.read_text())
+        model = HEFriendlyBert.from_pretrained(sdir / "model")
+        log(f"{name}: already trained (dev {result['dev_accuracy']:.4f})")
+        return model.to(device), result
+    model = build_student(he_cfg, teacher, pca_init=pca_init, seed=cfg["seed"])
+    run = StudentRun(name, model, sdir, device, seed=cfg["seed"], progress=cfg["progress"], log=log)
+    aug = aug_logits = None
+    if use_aug and logits.get("aug_texts"):
+        aug = _encode(_tok_cache["tok"], logits["aug_texts"], [-1] * len(logits["aug_texts"]), cfg["data"]["max_len"])
+        aug_logits = logits["aug"]
+    res = run.train(train=enc["train"], train_logits=logits["train"], aug=aug, aug_logits=aug_logits,
+                    hidden_cache=hidden, dev=enc.get("dev"), dcfg=cfg["distill"], stage1_epochs=stage1_epochs,
+                    stage2_epochs=stage2_epochs, use_kd=use_kd)
+    model = run.model
+    from distill.student import record_ranges
+
+    datasets = [enc["train"]] + ([aug] if aug is not None else [])
+    record_ranges(model, datasets, device)
+    result = {"name": name, "seconds": res["seconds"], "history": res["history"],
+              "approximations": approximations(model.config)}
+    for key in ("dev", "test", "sst2_dev"):
+        if key in enc:
+            result[f"{key}_accuracy"] = accuracy(predict(model, enc[key], device), enc[key].labels)
+    result["ranges"] = model.recorded_ranges()
+    model.save_pretrained(sdir / "model")
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"{name}: dev {result.get('dev_accuracy', float('nan')):.4f} test {result.get('test_accuracy', float('nan')):.4f}"
+        f" sst2 {result.get('sst2_dev_accuracy', float('nan')):.4f} ({res['seconds']:.0f}s)")
+    return model, result
+
+
+_tok_cache: dict = {}
+
+
+def approximations(he_cfg) -> dict:
+    from he_models.config import multiplicative_depth
+
+    return {"softmax": he_cfg.softmax, "softmax_c": he_cfg.softmax_c, "gelu": he_cfg.gelu,
+            "gelu_coeffs": list(he_cfg.gelu_coeffs), "layernorm": he_cfg.layernorm,
+            "pooler": he_cfg.pooler, "pooling": he_cfg.pooling,
+            "embedding_layernorm": "exact, client side", "depth_per_layer": multiplicative_depth(he_cfg)}
+
+
+def ship(cfg: dict, model, tok, teacher_dir: Path, metrics: dict) -> Path:
+    """Write the shipped model directory: weights, config with ranges, tokenizer files, metrics."""
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(str(out))
+    vocab = teacher_dir / "vocab.txt"
+    if vocab.exists() and not (out / "vocab.txt").exists():
+        shutil.copy(vocab, out / "vocab.txt")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
+
+
+def run(cfg: dict) -> dict:
+    t_start = time.time()
+    torch.set_num_threads(int(cfg["threads"]))
+    set_seed(cfg["seed"])
+    device = pick_device()
+    log(f"device {device}; work_dir {cfg['work_dir']}; output {cfg['output_dir']}")
+    work = Path(cfg["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    parts = load_task(cfg)
+    num_labels = parts["_num_labels"]
+    log(f"data: train {len(parts['train'])}, dev {len(parts['dev'])}, test {len(parts.get('test', []))}, "
+        f"sst2 {len(parts.get('sst2_dev', []))}")
+    teacher, tok, tinfo = teacher_stage(cfg, parts, device)
+    _tok_cache["tok"] = tok
+    enc = encode_parts(parts, tok, cfg["data"]["max_len"])
+    logits = teacher_outputs(cfg, teacher, tok, parts, enc, device)
+    from distill.student import accuracy
+
+    teacher_acc = {k: accuracy(logits[k], enc[k].labels) for k in ("dev", "test", "sst2_dev") if k in enc}
+    log(f"teacher accuracy: {teacher_acc}")
+    he_cfg = student_config(cfg, {}, tok, num_labels, cfg["name"])
+    dcfg = cfg["distill"]
+    hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device) if dcfg["stage1_epochs"] > 0 else None
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def metrics_now() -> dict:
+        he = results.get("he_friendly", {})
+        ex = results.get("tiny_exact", {})
+        return {
+            "dataset": "rotten_tomatoes_grouped_80_10_10" if cfg["data"]["task"] == "sentiment" else "files",
+            "dataset_fingerprint": _fingerprint(parts),
+            "train_size": len(parts["train"]), "augmented_size": len(logits.get("aug_texts", [])),
+            "dev_size": len(parts["dev"]), "test_size": len(parts.get("test", [])),
+            "sst2_dev_size": len(parts.get("sst2_dev", [])),
+            "teacher": tinfo.get("source"), "teacher_accuracy": teacher_acc.get("dev"),
+            "teacher_test_accuracy": teacher_acc.get("test"),
+            "teacher_sst2_accuracy": teacher_acc.get("sst2_dev"),
+            "tiny_exact_accuracy": ex.get("dev_accuracy"), "tiny_exact_test_accuracy": ex.get("test_accuracy"),
+            "tiny_exact_sst2_accuracy": ex.get("sst2_dev_accuracy"),
+            "he_friendly_accuracy": he.get("dev_accuracy"), "he_friendly_test_accuracy": he.get("test_accuracy"),
+            "he_friendly_sst2_accuracy": he.get("sst2_dev_accuracy"),
+            "approximations": he.get("approximations"), "ranges": he.get("ranges"),
+            "params": he.get("params"),
+            "train_seconds": {"teacher_finetune": round(tinfo.get("seconds", 0.0), 1),
+                              "he_friendly": round(he.get("seconds", 0.0), 1),
+                              "tiny_exact": round(ex.get("seconds", 0.0), 1),
+                              "pipeline_wall": round(time.time() - t_start + results.get("_prior_wall", 0.0), 1)},
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
+            "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+            "ablation": {k: v for k, v in results.items() if k.startswith(("ablation:", "help:"))},
+        }
+
+    def save_results() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    # 1. the shipped HE-friendly student (shipped as soon as it exists)
+    model, res = run_student(cfg, "he_friendly", he_cfg, teacher, enc, logits, hidden, device,
+                             stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
+                             pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    results["he_friendly"] = res
+    save_results()
+    teacher_dir = Path(cfg["teacher"]["path"] or "") if cfg["teacher"]["path"] else None
+    from distill.teacher import default_teacher_path
+
+    teacher_dir = teacher_dir or default_teacher_path()
+    ship(cfg, model, tok, teacher_dir, metrics_now())
+    log(f"shipped {cfg['output_dir']}")
+    # 2. tiny_exact: same shape and distillation, exact operations
+    if cfg["tiny_exact"]["enabled"]:
+        ex_cfg = student_config(cfg, {"softmax": "exact", "gelu": "exact", "layernorm": "exact"}, tok,
+                                num_labels, "tiny-exact")
+        _, res = run_student(cfg, "tiny_exact", ex_cfg, teacher, enc, logits, hidden, device,
+                             stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
+                             pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
+        results["tiny_exact"] = res
+        save_results()
+        (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics_now(), indent=2) + "\n")
+    # 3. ablation: each approximation alone, and each help switched off (cheaper schedule)
+    ab = cfg["ablation"]
+    if ab["enabled"]:
+        s1, s2 = ab["stage1_epochs"], ab["stage2_epochs"]
+        jobs = [("ablation:exact", {"softmax": "exact", "gelu": "exact", "layernorm": "exact"}, {}),
+                ("ablation:all", {}, {})]
+        jobs += [(f"ablation:{k}", v, {}) for k, v in ab["variants"].items()]
+        jobs += [(f"help:{h}", {}, {h: True}) for h in ab["helps"]]
+        for key, over, flags in jobs:
+            name = key.replace(":", "_")
+            a_cfg = student_config(cfg, over, tok, num_labels, name)
+            _, res = run_student(
+                cfg, name, a_cfg, teacher, enc, logits, hidden, device,
+                stage1_epochs=0 if flags.get("no_stage1") else s1, stage2_epochs=s2,
+                pca_init=dcfg["pca_init"] and not flags.get("no_pca_init"),
+                use_aug=dcfg["augment"] > 0 and not flags.get("no_augment"), use_kd=not flags.get("no_kd"))
+            res.pop("history", None)
+            res["schedule"] = {"stage1_epochs": 0 if flags.get("no_stage1") else s1, "stage2_epochs": s2}
+            results[key] = res
+            save_results()
+            (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics_now(), indent=2) + "\n")
+    metrics = metrics_now()
+    (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"done in {time.time() - t_start:.0f}s: teacher {metrics['teacher_accuracy']}, "
+        f"tiny_exact {metrics['tiny_exact_accuracy']}, he_friendly {metrics['he_friendly_accuracy']}")
+    return metrics
+
+
+def _fingerprint(parts: dict) -> str:
+    from cipherbert.data import fingerprint
+
+    return fingerprint(parts["train"] + parts["dev"] + parts.get("test", []))

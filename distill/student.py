@@ -1,0 +1,341 @@
+"""Student construction and the two distillation stages.
+
+Stage 1 (MPCFormer / TinyBERT): the student's embedding output and each layer's output are projected
+to the teacher's width by learned linear maps and matched (MSE) with the teacher's standardised hidden
+states at the mapped layers; the student's attention maps are matched with the teacher's, heads averaged
+in groups (12 teacher heads -> 2 student heads: heads 0-5 and 6-11). Attention values are compared
+after multiplying by the number of valid keys n, so that a uniform map is 1 whatever the length.
+
+Stage 2: temperature-scaled KL to the teacher's cached logits plus cross entropy on the labels
+(augmented sentences carry only the teacher's soft label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distill.batching import Encoded, bucketed_batches, pad
+from he_models.config import HEConfig
+from he_models.model import HEFriendlyBert
+
+
+def pca_embeddings(teacher, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project the teacher's word and position tables onto the top `hidden` principal components of the
+    word table (one basis for both, so word + position stays additive); scaled to std 0.02-ish per entry
+    is unnecessary because the client-side LayerNorm follows."""
+    emb = teacher.encoder.get_input_embeddings().weight.detach().float()
+    base = teacher.encoder
+    pos = None
+    for name, module in base.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            pos = module.weight.detach().float()
+            break
+    mean = emb.mean(0, keepdim=True)
+    # torch.pca_lowrank is randomized; a full SVD of the 384x384 covariance is exact and cheap.
+    cov = (emb - mean).T @ (emb - mean) / emb.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    basis = evecs[:, torch.argsort(evals, descending=True)[:hidden]]  # (d_t, hidden)
+    word = (emb - mean) @ basis
+    pos_out = pos @ basis if pos is not None else None
+    return word, pos_out
+
+
+def build_student(he_config: HEConfig, teacher=None, pca_init: bool = True, seed: int = 0) -> HEFriendlyBert:
+    torch.manual_seed(seed)
+    model = HEFriendlyBert(he_config)
+    if pca_init and teacher is not None:
+        word, pos = pca_embeddings(teacher, he_config.hidden_size)
+        scale = 1.0 / word.std()
+        with torch.no_grad():
+            n = min(word.shape[0], he_config.vocab_size)
+            model.embeddings.word.weight[:n] = word[:n] * scale * 0.5
+            if pos is not None:
+                m = min(pos.shape[0], he_config.max_position)
+                model.embeddings.position.weight[:m] = pos[:m] * scale * 0.5
+    return model
+
+
+class Projections(nn.Module):
+    """Student width -> teacher width, one linear map per matched hidden state (embedding + layers)."""
+
+    def __init__(self, n: int, d_s: int, d_t: int) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(d_s, d_t) for _ in range(n))
+
+
+def stage1_loss(out, proj: Projections, t_hidden: torch.Tensor, t_att: torch.Tensor, mask: torch.Tensor,
+                hidden_weight: float, attn_weight: float) -> tuple[torch.Tensor, dict]:
+    valid = mask.bool()
+    h_loss = torch.zeros((), device=mask.device)
+    for i, (h, p) in enumerate(zip(out.hidden_states, proj.maps)):
+        h_loss = h_loss + F.mse_loss(p(h)[valid], t_hidden[:, :, i][valid])
+    n_valid = mask.sum(1).to(t_att.dtype)[:, None, None, None]
+    pair = (valid[:, None, :, None] & valid[:, None, None, :])
+    a_loss = torch.zeros((), device=mask.device)
+    for i, probs in enumerate(out.attentions):
+        diff = (probs - t_att[:, i]) * n_valid
+        a_loss = a_loss + (diff ** 2)[pair.expand_as(diff)].mean()
+    loss = hidden_weight * h_loss + attn_weight * a_loss
+    return loss, {"hidden": float(h_loss), "attn": float(a_loss)}
+
+
+def kd_loss(s_logits, t_logits, labels, has_label, temperature: float, alpha: float) -> torch.Tensor:
+    t = temperature
+    kd = F.kl_div(F.log_softmax(s_logits / t, -1), F.softmax(t_logits / t, -1), reduction="batchmean") * t * t
+    if has_label.any() and alpha < 1.0:
+        ce = F.cross_entropy(s_logits[has_label], labels[has_label])
+    else:
+        ce = torch.zeros((), device=s_logits.device)
+    return alpha * kd + (1 - alpha) * ce
+
+
+def score_penalty(model: HEFriendlyBert, bound: float) -> torch.Tensor:
+    """Hinge on attention scores beyond +-bound (keeps the 2quad_fixed input range small for HE)."""
+    total = None
+    for layer in model.layers:
+        s = getattr(layer.attn, "_last_scores", None)
+        if s is not None:
+            term = F.relu(s.abs() - bound).pow(2).mean()
+            total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+@torch.no_grad()
+def predict(model: HEFriendlyBert, data: Encoded, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    out = torch.zeros(len(data), model.config.num_labels)
+    batches = bucketed_batches([len(x) for x in data.ids], batch_size, seed=0, shuffle=False)
+    for b in batches:
+        ids, mask = pad([data.ids[i] for i in b])
+        out[b] = model(ids.to(device), mask.to(device)).logits.float().cpu()
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels) -> float:
+    return float((logits.argmax(-1) == torch.as_tensor(labels)).float().mean())
+
+
+@torch.no_grad()
+def record_ranges(model: HEFriendlyBert, datasets: list[Encoded], device: torch.device,
+                  batch_size: int = 128) -> dict[str, list[float]]:
+    """Reset every range recorder and record the input ranges of the final weights over `datasets`
+    (inference arithmetic: dropout off, affine norms on their running statistics)."""
+    from he_models.model import RangeRecorder
+
+    model.eval()
+    recorders = [m for m in model.modules() if isinstance(m, RangeRecorder)]
+    for r in recorders:
+        r.reset()
+        r.train()
+    for data in datasets:
+        for b in bucketed_batches([len(x) for x in data.ids], batch_size, seed=0, shuffle=False):
+            ids, mask = pad([data.ids[i] for i in b])
+            model(ids.to(device), mask.to(device))
+    for r in recorders:
+        r.eval()
+    return model.recorded_ranges()
+
+
+class Optimizers:
+    """AdamW for dense parameters (no decay on norms, biases or embeddings) and SparseAdam for the word
+    embedding table: a batch touches a few hundred of its 30k rows, and a dense Adam update of the whole
+    table was 70% of a CPU step."""
+
+    def __init__(self, model: HEFriendlyBert, extra: list[nn.Parameter], lr: float, weight_decay: float = 0.01):
+        word = model.embeddings.word
+        word.sparse = True
+        decay, no_decay = [], []
+        for n, p in list(model.named_parameters()):
+            if p is word.weight or not p.requires_grad:
+                continue
+            (no_decay if (p.dim() < 2 or "embeddings" in n) else decay).append(p)
+        decay += [p for p in extra if p.dim() >= 2]
+        no_decay += [p for p in extra if p.dim() < 2]
+        self.dense_params = decay + no_decay
+        self.dense = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        self.sparse = torch.optim.SparseAdam([word.weight], lr=lr)
+        self.base_lr = lr
+
+    def set_lr_factor(self, factor: float) -> None:
+        for opt in (self.dense, self.sparse):
+            for g in opt.param_groups:
+                g["lr"] = self.base_lr * factor
+
+    def zero_grad(self) -> None:
+        self.dense.zero_grad(set_to_none=True)
+        self.sparse.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.dense_params, 1.0)
+        self.dense.step()
+        self.sparse.step()
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
+
+
+class StudentRun:
+    """One student trained through stage 1 and stage 2, checkpointed each epoch under `directory`."""
+
+    def __init__(self, name: str, model: HEFriendlyBert, directory: Path, device: torch.device, *,
+                 seed: int, progress: bool = True, log=print) -> None:
+        self.name, self.model, self.dir, self.device = name, model.to(device), Path(directory), device
+        self.seed, self.progress, self.log = seed, progress, log
+        self.threads = torch.get_num_threads()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict] = []
+        self.seconds = 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _ckpt(self) -> Path:
+        return self.dir / "ckpt.pt"
+
+    def _save(self, stage: str, epoch: int, opt, proj=None, extra=None) -> None:
+        torch.save({"stage": stage, "epoch": epoch, "model": self.model.state_dict(),
+                    "opt": opt.state_dict(), "proj": proj.state_dict() if proj is not None else None,
+                    "history": self.history, "seconds": self.seconds, "extra": extra or {}},
+                   self._ckpt())
+
+    def _load(self):
+        if self._ckpt().exists():
+            return torch.load(self._ckpt(), map_location="cpu", weights_only=False)
+        return None
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, *, train: Encoded, train_logits: torch.Tensor, aug: Encoded | None,
+              aug_logits: torch.Tensor | None, hidden_cache, dev: Encoded | None, dcfg: dict,
+              stage1_epochs: int, stage2_epochs: int, use_kd: bool = True) -> dict:
+        from tqdm.auto import tqdm
+
+        state = self._load()
+        done_stage1 = 0
+        done_stage2 = 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.history, self.seconds = state["history"], state["seconds"]
+            if state["stage"] == "stage1":
+                done_stage1 = state["epoch"]
+            else:
+                done_stage1, done_stage2 = stage1_epochs, state["epoch"]
+            self.log(f"{self.name}: resumed after {state['stage']} epoch {state['epoch']}")
+        bs = dcfg["batch_size"]
+        device = self.device
+        from distill.batching import ThreadGovernor
+
+        governor = ThreadGovernor(self.threads)
+        # ---- stage 1 -----------------------------------------------------------------------
+        if stage1_epochs > 0 and hidden_cache is not None and done_stage1 < stage1_epochs:
+            d_t = hidden_cache.hidden.shape[-1]
+            proj = Projections(len(hidden_cache.layer_map) + 1, self.model.config.hidden_size, d_t).to(device)
+            opt = Optimizers(self.model, list(proj.parameters()), lr=dcfg["lr_stage1"])
+            if state is not None and state["stage"] == "stage1":
+                proj.load_state_dict(state["proj"])
+                opt.load_state_dict(state["opt"])
+            lengths = [len(x) for x in train.ids]
+            for epoch in range(done_stage1, stage1_epochs):
+                self.model.train()
+                t0 = time.time()
+                batches = bucketed_batches(lengths, bs, seed=self.seed * 1000 + epoch)
+                tot = {"loss": 0.0, "hidden": 0.0, "attn": 0.0}
+                bar = tqdm(batches, desc=f"{self.name} stage1 {epoch + 1}/{stage1_epochs}",
+                           disable=not self.progress, leave=False)
+                for step, b in enumerate(bar):
+                    torch.manual_seed(self.seed * 7919 + epoch * 100003 + step)
+                    ids, mask = pad([train.ids[i] for i in b])
+                    t_h, t_a = hidden_cache.batch(b, ids.shape[1])
+                    ids, mask, t_h, t_a = ids.to(device), mask.to(device), t_h.to(device), t_a.to(device)
+                    out = self.model(ids, mask)
+                    loss, parts = stage1_loss(out, proj, t_h, t_a, mask, dcfg["hidden_weight"],
+                                              dcfg["attn_weight"])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    governor.step()
+                    tot["loss"] += float(loss)
+                    tot["hidden"] += parts["hidden"]
+                    tot["attn"] += parts["attn"]
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                self.seconds += time.time() - t0
+                rec = {"stage": 1, "epoch": epoch + 1, **{k: v / len(batches) for k, v in tot.items()}}
+                self.history.append(rec)
+                self.log(f"{self.name}: stage1 epoch {epoch + 1} loss {rec['loss']:.4f} "
+                         f"(hidden {rec['hidden']:.4f}, attn {rec['attn']:.4f})")
+                self._save("stage1", epoch + 1, opt, proj)
+        # ---- stage 2 -----------------------------------------------------------------------
+        if stage2_epochs > 0 and done_stage2 < stage2_epochs:
+            ids_all = list(train.ids) + (list(aug.ids) if aug is not None else [])
+            t_logits = torch.cat([train_logits] + ([aug_logits] if aug is not None else []))
+            labels = torch.tensor(list(train.labels) + [-1] * (len(aug) if aug is not None else 0))
+            lengths = [len(x) for x in ids_all]
+            steps_per_epoch = math.ceil((len(ids_all) if use_kd else len(train)) / bs)
+            total = steps_per_epoch * stage2_epochs
+            opt = Optimizers(self.model, [], lr=dcfg["lr_stage2"])
+            warm = max(1, total // 20)
+
+            def lr_factor(s: int) -> float:
+                return min((s + 1) / warm, max(0.02, (total - s) / max(1, total - warm)))
+
+            gstep = done_stage2 * steps_per_epoch
+            if state is not None and state["stage"] == "stage2":
+                opt.load_state_dict(state["opt"])
+            best = state["extra"].get("best", -1.0) if state is not None and state["stage"] == "stage2" else -1.0
+            best_state = None
+            if state is not None and state["stage"] == "stage2" and (self.dir / "best.pt").exists():
+                best_state = torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False)
+            alpha = dcfg["alpha"] if use_kd else 0.0
+            for epoch in range(done_stage2, stage2_epochs):
+                self.model.train()
+                t0 = time.time()
+                order = bucketed_batches(lengths, bs, seed=self.seed * 1000 + 500 + epoch)
+                if not use_kd:  # task loss only: augmented sentences have no label, skip them
+                    order = [[i for i in b if labels[i] >= 0] for b in order]
+                    order = [b for b in order if b]
+                tot = 0.0
+                bar = tqdm(order, desc=f"{self.name} stage2 {epoch + 1}/{stage2_epochs}",
+                           disable=not self.progress, leave=False)
+                for step, b in enumerate(bar):
+                    torch.manual_seed(self.seed * 7919 + (epoch + 50) * 100003 + step)
+                    ids, mask = pad([ids_all[i] for i in b])
+                    y = labels[b]
+                    out = self.model(ids.to(device), mask.to(device))
+                    loss = kd_loss(out.logits, t_logits[b].to(device), y.clamp_min(0).to(device),
+                                   (y >= 0).to(device), dcfg["temperature"], alpha)
+                    if dcfg.get("softmax_score_bound", 0) > 0:
+                        loss = loss + score_penalty(self.model, dcfg["softmax_score_bound"])
+                    opt.set_lr_factor(lr_factor(gstep))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    governor.step()
+                    gstep += 1
+                    tot += float(loss)
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                self.seconds += time.time() - t0
+                rec = {"stage": 2, "epoch": epoch + 1, "loss": tot / max(1, len(order))}
+                if dev is not None:
+                    rec["dev_accuracy"] = accuracy(predict(self.model, dev, device), dev.labels)
+                    if rec["dev_accuracy"] > best:
+                        best = rec["dev_accuracy"]
+                        best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                        torch.save(best_state, self.dir / "best.pt")
+                self.history.append(rec)
+                self.log(f"{self.name}: stage2 epoch {epoch + 1} loss {rec['loss']:.4f}"
+                         + (f" dev {rec['dev_accuracy']:.4f}" if dev is not None else ""))
+                self._save("stage2", epoch + 1, opt, extra={"best": best})
+            if best_state is not None:
+                self.model.load_state_dict(best_state)
+        elif (self.dir / "best.pt").exists():
+            self.model.load_state_dict(torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False))
+        return {"history": self.history, "seconds": self.seconds}
