@@ -130,6 +130,7 @@ def start_redis(workdir: Path) -> Proc:
 
 
 NGINX_TEMPLATE = """
+{user}
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -159,7 +160,9 @@ def start_nginx(workdir: Path, upstreams: list[str]) -> Proc:
     upstream = f"  upstream cipherbert_api {{\n{servers}\n    keepalive 16;\n  }}\n"
     http_settings = (REPO / "deploy" / "nginx-http.conf").read_text()
     (prefix / "location.conf").write_text((REPO / "deploy" / "nginx-location.conf").read_text())
-    conf = NGINX_TEMPLATE.format(prefix=prefix, port=port, body=upstream + http_settings)
+    # As root, nginx workers would drop to `nobody` and fail to write the temp paths in a 0700 tmp dir.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = NGINX_TEMPLATE.format(prefix=prefix, port=port, body=upstream + http_settings, user=user)
     (prefix / "nginx.conf").write_text(conf)
     log = prefix / "stdout.log"
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
