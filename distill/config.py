@@ -53,7 +53,9 @@ DEFAULTS: dict = {
         "layer_map": None,         # student layer i -> teacher layer; default uniform (TinyBERT)
         "augment": 2,              # teacher-labelled augmented copies of each training sentence
         "augment_stage1": False,   # also run stage 1 over augmented sentences
-        "softmax_score_bound": 0.0,  # >0: penalise 2quad_fixed scores outside [-bound, bound]
+        "softmax_score_bound": 0.0,  # >0: penalise attention scores outside [-bound, bound]
+        "gelu_input_bound": 0.0,     # >0: penalise GELU/quad inputs outside [-bound, bound]
+        "range_penalty_weight": 1.0,
         "eval_every_epoch": True,
     },
     # Extra students trained with the same distillation (same cached teacher outputs).

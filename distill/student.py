@@ -83,7 +83,7 @@ def stage1_loss(out, proj: Projections, t_hidden: torch.Tensor, t_att: torch.Ten
         diff = (probs - t_att[:, i]) * n_valid
         a_loss = a_loss + (diff ** 2)[pair.expand_as(diff)].mean()
     loss = hidden_weight * h_loss + attn_weight * a_loss
-    return loss, {"hidden": float(h_loss), "attn": float(a_loss)}
+    return loss, {"hidden": h_loss.item(), "attn": a_loss.item()}
 
 
 def kd_loss(s_logits, t_logits, labels, has_label, temperature: float, alpha: float) -> torch.Tensor:
@@ -96,15 +96,17 @@ def kd_loss(s_logits, t_logits, labels, has_label, temperature: float, alpha: fl
     return alpha * kd + (1 - alpha) * ce
 
 
-def score_penalty(model: HEFriendlyBert, bound: float) -> torch.Tensor:
-    """Hinge on attention scores beyond +-bound (keeps the 2quad_fixed input range small for HE)."""
+def range_penalty(model: HEFriendlyBert, score_bound: float, gelu_bound: float) -> torch.Tensor | None:
+    """Squared hinge on attention scores beyond +-score_bound and GELU inputs beyond +-gelu_bound: keeps
+    the polynomials' input ranges (hence the engine's masks and CKKS precision) small. 0 disables one."""
     total = None
     for layer in model.layers:
-        s = getattr(layer.attn, "_last_scores", None)
-        if s is not None:
-            term = F.relu(s.abs() - bound).pow(2).mean()
-            total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
+        for bound, value in ((score_bound, getattr(layer.attn, "_last_scores", None)),
+                             (gelu_bound, getattr(layer.act, "_last_input", None))):
+            if bound and bound > 0 and value is not None:
+                term = F.relu(value.abs() - bound).pow(2).mean()
+                total = term if total is None else total + term
+    return total
 
 
 @torch.no_grad()
@@ -259,11 +261,15 @@ class StudentRun:
                     out = self.model(ids, mask)
                     loss, parts = stage1_loss(out, proj, t_h, t_a, mask, dcfg["hidden_weight"],
                                               dcfg["attn_weight"])
+                    pen = range_penalty(self.model, dcfg.get("softmax_score_bound", 0),
+                                        dcfg.get("gelu_input_bound", 0))
+                    if pen is not None:
+                        loss = loss + dcfg.get("range_penalty_weight", 1.0) * pen
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     governor.step()
-                    tot["loss"] += float(loss)
+                    tot["loss"] += loss.item()
                     tot["hidden"] += parts["hidden"]
                     tot["attn"] += parts["attn"]
                     bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -312,15 +318,17 @@ class StudentRun:
                     out = self.model(ids.to(device), mask.to(device))
                     loss = kd_loss(out.logits, t_logits[b].to(device), y.clamp_min(0).to(device),
                                    (y >= 0).to(device), dcfg["temperature"], alpha)
-                    if dcfg.get("softmax_score_bound", 0) > 0:
-                        loss = loss + score_penalty(self.model, dcfg["softmax_score_bound"])
+                    pen = range_penalty(self.model, dcfg.get("softmax_score_bound", 0),
+                                        dcfg.get("gelu_input_bound", 0))
+                    if pen is not None:
+                        loss = loss + dcfg.get("range_penalty_weight", 1.0) * pen
                     opt.set_lr_factor(lr_factor(gstep))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     governor.step()
                     gstep += 1
-                    tot += float(loss)
+                    tot += loss.item()
                     bar.set_postfix(loss=f"{float(loss):.3f}")
                 self.seconds += time.time() - t0
                 rec = {"stage": 2, "epoch": epoch + 1, "loss": tot / max(1, len(order))}

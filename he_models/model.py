@@ -129,6 +129,8 @@ class Activation(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         self.recorder(x, valid)
+        # Kept (training only) so a trainer can penalise inputs outside a bound; no effect on outputs.
+        self._last_input = x.masked_fill(~valid[..., None], 0.0) if self.training else None
         if self.kind == "exact":
             return F.gelu(x)
         return poly(x, self.coeffs.tolist())
