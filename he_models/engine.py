@@ -28,7 +28,8 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
-from he_models.kernels import Backend, DiagonalMap, EncodedMap, apply_map, build_map, encode_map
+from he_models.kernels import (Backend, DiagonalMap, EncodedMap, apply_map, build_map,
+                               build_map_fewest_rotations, encode_map)
 from he_models.layout import Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
 from he_models.wire import WireError, pack_frames, unpack_frames
@@ -63,9 +64,7 @@ class StepOutput:
 
 @dataclass
 class _LayerMaps:
-    q: EncodedMap
-    k: EncodedMap
-    v: EncodedMap
+    qkv: EncodedMap  # one map, three outputs: the baby rotations of the input are shared
     x_res: EncodedMap | None
     o: EncodedMap
     n1: EncodedMap
@@ -147,8 +146,10 @@ class EncryptedEngine:
         fm_h, fm_i = geo.fm_cts(geo.hidden), geo.fm_cts(geo.intermediate)
         square_scale_l2 = s * s / be.last_prime(2)
 
+        babies = self.plan.block_babies(n_p)
+
         def linear(weight: np.ndarray, n_in: int, n_out: int, level: int, in_scale: float) -> EncodedMap:
-            dmap = build_map(*_fm_triplets(geo, weight), n_in, n_out, self.slots, n_p, BABY_STEPS)
+            dmap = build_map_fewest_rotations(*_fm_triplets(geo, weight), n_in, n_out, self.slots, n_p, babies)
             return encode_map(be, dmap, level, in_scale, s)
 
         def elementwise(scale: np.ndarray, level: int) -> EncodedMap:
@@ -158,9 +159,7 @@ class EncryptedEngine:
         maps = []
         for layer in self.plan.layers:
             maps.append(_LayerMaps(
-                q=linear(layer.wq, fm_h, fm_h, top, s),
-                k=linear(layer.wk, fm_h, fm_h, top, s),
-                v=linear(layer.wv, fm_h, fm_h, top, s),
+                qkv=linear(np.concatenate([layer.wq, layer.wk, layer.wv], axis=1), fm_h, 3 * fm_h, top, s),
                 x_res=None if layer.in_scale is None else elementwise(layer.in_scale, top),
                 o=linear(layer.wo, fm_h, fm_h, 1, s),
                 n1=elementwise(layer.n1_scale, top),
@@ -300,9 +299,11 @@ class EncryptedEngine:
         be = self.backend
         maps = self._layer_maps(geo.n_p)[layer]
         L = self.plan.layers[layer]
-        q = self._add_bias(apply_map(be, maps.q, raw, ctx.galois), L.bq, geo)
-        k = self._add_bias(apply_map(be, maps.k, raw, ctx.galois), L.bk, geo)
-        v = self._add_bias(apply_map(be, maps.v, raw, ctx.galois), L.bv, geo)
+        qkv = apply_map(be, maps.qkv, raw, ctx.galois)
+        n_fm = len(raw)
+        q = self._add_bias(qkv[:n_fm], L.bq, geo)
+        k = self._add_bias(qkv[n_fm:2 * n_fm], L.bk, geo)
+        v = self._add_bias(qkv[2 * n_fm:], L.bv, geo)
         if maps.x_res is None:
             x_res = raw
         else:
@@ -321,8 +322,10 @@ class EncryptedEngine:
         sigma = 1.0 / math.sqrt(geo.n)
         rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
         rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
-        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), n_sl, geo.n_p, 2)
-        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), n_sl, n_sl, 1, be.top)
+        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), n_sl, geo.n_p, 2,
+                               self.plan.block_babies(geo.n_p))
+        # Both corrections only need to reach level 1: run C2 one level down (cheaper encodes/rotations).
+        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), n_sl, n_sl, 1, 2)
         c1_out = apply_map(be, c1, saved["q"], ctx.galois)
         c2_out = apply_map(be, c2, z, ctx.galois)
         shift = sigma * self.plan.layers[layer].score_shift
@@ -346,7 +349,8 @@ class EncryptedEngine:
         av_client, a_masked = fresh[:n_fm], fresh[n_fm:]
         ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", n_sl))
         rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", n_fm), geo.hidden)
-        c3 = self._request_map(self._c3_triplets(geo, rv), n_sl, n_fm, geo.n_p, be.top)
+        c3 = self._request_map(self._c3_triplets(geo, rv), n_sl, n_fm, geo.n_p, 2,
+                               self.plan.block_babies(geo.n_p))
         c4 = self._request_map(self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
         c3_out = apply_map(be, c3, a_masked, ctx.galois)
         c4_out = apply_map(be, c4, saved["v"], ctx.galois)
@@ -410,9 +414,9 @@ class EncryptedEngine:
                           kind="logits", meta={"num_labels": self.cfg.num_labels, "labels": self._labels()})
 
     # -- mask correction kernels (built per request: the masks are fresh) -----------------------
-    def _request_map(self, triplets, n_in, n_out, unit, level) -> EncodedMap:
+    def _request_map(self, triplets, n_in, n_out, unit, level, babies=(BABY_STEPS,)) -> EncodedMap:
         s = self.plan.params.scale
-        dmap: DiagonalMap = build_map(*triplets, n_in, n_out, self.slots, unit, BABY_STEPS)
+        dmap: DiagonalMap = build_map_fewest_rotations(*triplets, n_in, n_out, self.slots, unit, babies)
         return encode_map(self.backend, dmap, level, s, s)
 
     @staticmethod

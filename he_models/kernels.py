@@ -132,6 +132,17 @@ class DiagonalMap:
     def steps(self) -> set[int]:
         return {self.unit, self.giant, -self.giant}
 
+    def rotations(self) -> int:
+        """Rotations one evaluation costs: baby chains per input plus Horner giant steps per output."""
+        babies: dict[int, int] = {}
+        total = 0
+        for entries in self.groups.values():
+            giants = [g for _, g, _, _ in entries]
+            total += max(giants + [0]) - min(giants + [0])
+            for ci, _, b, _ in entries:
+                babies[ci] = max(babies.get(ci, 0), b)
+        return total + sum(babies.values())
+
 
 def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, n_in: int, n_out: int,
               slots: int, unit: int, baby: int) -> DiagonalMap:
@@ -172,6 +183,18 @@ def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, 
         diag = np.roll(diags[idx], gg * giant)
         dmap.groups.setdefault(int(cout), []).append((int(cin), int(gg), int(bb), diag))
     return dmap
+
+
+def build_map_fewest_rotations(out_slots, in_slots, weights, n_in: int, n_out: int, slots: int, unit: int,
+                               babies: tuple[int, ...]) -> DiagonalMap:
+    """Try each baby-step count the Galois keys allow and keep the map that rotates least."""
+    best: DiagonalMap | None = None
+    for baby in babies:
+        candidate = build_map(out_slots, in_slots, weights, n_in, n_out, slots, unit, baby)
+        if best is None or candidate.rotations() < best.rotations():
+            best = candidate
+    assert best is not None
+    return best
 
 
 @dataclass

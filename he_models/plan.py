@@ -25,7 +25,8 @@ from he_models.layout import TOKEN_BLOCKS
 PLAN_FORMAT = "cipherbert-he-plan/1"
 ROUNDS_PER_LAYER = 4  # scores, context, refresh after attention, refresh after the FFN
 ROUND_KINDS = ("scores", "context", "refresh", "refresh")
-BABY_STEPS = 8  # baby-step count of every BSGS kernel; giant steps are taken Horner-style with one key
+BABY_STEPS = 8  # baby-step count of the within-block kernels; giant steps are taken Horner-style with one key
+GIANT_STEPS = (256, 512, 1024)  # giant rotations (both signs) available to block kernels
 
 
 class PlanError(ValueError):
@@ -64,6 +65,11 @@ class HEPlan:
     mask_bits: int = 10
     model_hash: str = ""
 
+    @staticmethod
+    def block_babies(n_p: int) -> tuple[int, ...]:
+        """Baby-step counts whose giant step (baby * n_p) has a Galois key."""
+        return tuple(g // n_p for g in GIANT_STEPS if g % n_p == 0 and g // n_p >= 2)
+
     @property
     def rounds(self) -> int:
         return ROUNDS_PER_LAYER * len(self.layers)
@@ -73,7 +79,8 @@ class HEPlan:
         slots = self.params.slots
         steps = {1, BABY_STEPS, -BABY_STEPS}
         for n_p in TOKEN_BLOCKS:
-            steps |= {n_p, BABY_STEPS * n_p, -BABY_STEPS * n_p}
+            steps.add(n_p)
+        steps |= set(GIANT_STEPS) | {-g for g in GIANT_STEPS}
         steps |= {2 ** k for k in range(int(math.log2(slots)))}
         return sorted(s for s in steps if abs(s) < slots)
 

@@ -1,0 +1,230 @@
+"""Engine benchmark: `python -m he_models.bench [--model DIR] [--reps 5]`.
+
+Prints a table and writes bench/results/engine.json: end-to-end latency (client encrypt + server
+compute + refresh rounds + client decrypt, all in this process, no network), server-only compute,
+rounds, bytes each way, evaluation-key size and peak memory at 16/32/64/128 tokens; the plaintext
+PyTorch time for the same input; and, measured in the same run, a naive TenSEAL baseline (one
+CKKSVector per token, CKKSVector.matmul and polyval) on the first encoder layer's linear projections,
+against the engine doing the same projections for 32 tokens at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
+from he_models.engine import EncryptedEngine
+from he_models.kernels import apply_map
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "he-bert-tiny-rt"
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def machine_info() -> dict:
+    import tenseal
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "tenseal": tenseal.__version__, "torch": torch_version, "platform": platform.platform()}
+
+
+def token_ids(embedder: Embedder, n: int) -> list[int]:
+    """A real-text input of exactly n word pieces: SST-2 dev sentences run together, cut to length."""
+    from cipherbert.data import load_sst2_dev
+
+    cls_id, sep_id = embedder.token_ids("a")[0], embedder.token_ids("a")[-1]
+    body: list[int] = []
+    for ex in load_sst2_dev():
+        body.extend(embedder.token_ids(ex.text)[1:-1])
+        if len(body) >= n:
+            break
+    if n == 1:
+        return [cls_id]
+    return [cls_id] + body[: n - 2] + [sep_id]
+
+
+def encrypted_run(engine: EncryptedEngine, keys: ClientKeys, ctx, emb: np.ndarray, inference_id: str) -> dict:
+    t0 = time.perf_counter()
+    geo = engine.geometry(emb.shape[0])
+    inputs = encrypt_embeddings(keys, emb, geo)
+    upload = sum(map(len, inputs))
+    server = 0.0
+    ts = time.perf_counter()
+    out = engine.start(ctx, inference_id, emb.shape[0], inputs)
+    server += time.perf_counter() - ts
+    download, rounds = 0, 0
+    while not out.done:
+        download += sum(map(len, out.to_client))
+        replies = answer_round(keys, out.kind, out.meta, out.to_client)
+        upload += sum(map(len, replies))
+        ts = time.perf_counter()
+        out = engine.resume(ctx, out.state, replies, inference_id=inference_id, round_no=out.round)
+        server += time.perf_counter() - ts
+        rounds += 1
+    download += sum(map(len, out.to_client))
+    logits = decrypt_logits(keys, out.meta, out.to_client)
+    return {"e2e": time.perf_counter() - t0, "server": server, "rounds": rounds, "upload": upload,
+            "download": download, "logits": logits}
+
+
+def naive_baseline(engine: EncryptedEngine, x: np.ndarray, tokens: int) -> dict:
+    """One CKKSVector per token, TenSEAL's matmul and polyval, for layer 0's projections."""
+    import tenseal as ts
+
+    layer = engine.plan.layers[0]
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
+    ctx.global_scale = 2 ** 40
+    ctx.generate_galois_keys()
+    gelu = engine.cfg.gelu_coeffs
+    mats = [layer.wq, layer.wk, layer.wv, layer.wo, layer.w1]
+    w2 = layer.w2
+    times = []
+    for t in range(tokens):
+        start = time.perf_counter()
+        for w in mats:
+            v = ts.ckks_vector(ctx, x[t].tolist())
+            v.matmul(w.tolist())
+        u = ts.ckks_vector(ctx, (x[t] @ layer.w1).tolist())  # a fresh (refreshed) FFN input
+        u.polyval(list(gelu))
+        u_plain = x[t] @ layer.w1
+        g = ts.ckks_vector(ctx, (gelu[0] + gelu[1] * u_plain + gelu[2] * u_plain ** 2).tolist())
+        g.matmul(w2.tolist())
+        times.append(time.perf_counter() - start)
+    return {"tokens": tokens, "naive_per_token_s": statistics.mean(times)}
+
+
+def engine_projections(engine: EncryptedEngine, keys: ClientKeys, ctx, x: np.ndarray, reps: int) -> float:
+    """The same projections (QKV, O, FFN1 + square, FFN2) by the engine's kernels on 32 packed tokens."""
+    from he_models.ckks import load_ciphertext
+
+    geo = engine.geometry(x.shape[0])
+    maps = engine._layer_maps(geo.n_p)[0]
+    be = engine.backend
+    times = []
+    for _ in range(reps):
+        ct = [load_ciphertext(be.context, c) for c in encrypt_embeddings(keys, x, geo)]
+        start = time.perf_counter()
+        apply_map(be, maps.qkv, ct, ctx.galois)
+        low = [be.mod_to(c, 1) for c in ct]
+        apply_map(be, maps.o, low, ctx.galois)
+        u = apply_map(be, maps.ffn1, ct, ctx.galois)
+        g = [be.square(c, ctx.relin) for c in u]
+        apply_map(be, maps.ffn2, g, ctx.galois)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--naive-tokens", type=int, default=32,
+                        help="tokens for the naive TenSEAL baseline (per-token time is what is compared)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from he_models.model import HEFriendlyBert
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    engine = EncryptedEngine.load(args.model, os.urandom(32), warm=())
+    load_s = time.perf_counter() - t
+    bundle = engine.client_bundle()
+    keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
+    public = keys.public_keys_bytes()
+    ctx = engine.load_context(public)
+    embedder = Embedder.from_model_dir(args.model)
+    model = HEFriendlyBert.from_pretrained(args.model)
+    results = []
+    print(f"engine load {load_s:.1f} s; evaluation keys {len(public) / 1e6:.1f} MB; "
+          f"{os.cpu_count()} cores")
+    print(f"{'tokens':>6} {'e2e p50':>8} {'e2e p95':>8} {'server':>8} {'torch':>8} {'rounds':>6} "
+          f"{'up MB':>7} {'down MB':>8} {'max|dlogit|':>11}")
+    for n in args.tokens:
+        emb = embedder.embed_ids(token_ids(embedder, n))
+        engine._layer_maps(engine.geometry(n).n_p)  # one-time plaintext encoding, not timed
+        runs = [encrypted_run(engine, keys, ctx, emb, f"bench-{n}-{i}") for i in range(args.reps)]
+        with torch.no_grad():
+            x = torch.tensor(emb, dtype=torch.float32)[None]
+            mask = torch.ones(1, n)
+            ptimes = []
+            for _ in range(max(args.reps, 5)):
+                s = time.perf_counter()
+                reference = model.forward_embedded(x, mask).logits[0].numpy()
+                ptimes.append(time.perf_counter() - s)
+        e2e = sorted(r["e2e"] for r in runs)
+        row = {
+            "tokens": n,
+            "e2e_p50_s": statistics.median(e2e),
+            "e2e_p95_s": float(np.percentile(e2e, 95)),
+            "server_p50_s": statistics.median(r["server"] for r in runs),
+            "plaintext_s": statistics.median(ptimes),
+            "rounds": runs[0]["rounds"],
+            "upload_bytes": runs[0]["upload"],
+            "download_bytes": runs[0]["download"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "max_abs_logit_err": float(max(np.abs(r["logits"] - reference).max() for r in runs)),
+            "reps": args.reps,
+        }
+        results.append(row)
+        print(f"{n:>6} {row['e2e_p50_s']:>8.2f} {row['e2e_p95_s']:>8.2f} {row['server_p50_s']:>8.2f} "
+              f"{row['plaintext_s'] * 1e3:>6.1f}ms {row['rounds']:>6} {row['upload_bytes'] / 1e6:>7.2f} "
+              f"{row['download_bytes'] / 1e6:>8.2f} {row['max_abs_logit_err']:>11.2e}")
+
+    x32 = embedder.embed_ids(token_ids(embedder, 32))
+    engine_s = engine_projections(engine, keys, ctx, x32, reps=3)
+    naive = naive_baseline(engine, x32, args.naive_tokens)
+    naive["engine_per_token_s"] = engine_s / 32
+    naive["speedup"] = naive["naive_per_token_s"] / naive["engine_per_token_s"]
+    naive["what"] = ("layer 0: Q, K, V, O and FFN1 matmuls, the GELU polynomial and the FFN2 matmul; naive: "
+                     "one CKKSVector per token at N=8192 [60,40,40,60] with TenSEAL's matmul/polyval, every "
+                     "projection from a fresh encryption; engine: the same projections on 32 packed tokens")
+    print(f"naive TenSEAL {naive['naive_per_token_s'] * 1e3:.0f} ms/token vs engine "
+          f"{naive['engine_per_token_s'] * 1e3:.1f} ms/token: {naive['speedup']:.0f}x")
+    report = {
+        "machine": machine_info(),
+        "model": str(args.model.name),
+        "model_hash": engine.model_hash,
+        "ckks": engine.plan.params.to_dict(),
+        "galois_steps": engine.plan.galois_steps,
+        "eval_key_bytes": len(public),
+        "engine_load_s": load_s,
+        "mask_bits": {k: round(v[1], 2) for k, v in engine.mask_limits.items()},
+        "results": results,
+        "naive": naive,
+        "note": "e2e runs client and server in one process with no network; see bench/results/load.json "
+                "for the service over HTTP",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
