@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", default=None, help="load only this model directory (repeatable)")
     s.add_argument("--api-keys", default=None, help="file of tenant:key lines (or env CIPHERBERT_API_KEYS)")
     s.add_argument("--workers", type=int, default=None, help="engine processes (default 2, env CIPHERBERT_WORKERS)")
-    s.add_argument("--max-inflight", type=int, default=None, help="engine jobs per replica before 503")
+    s.add_argument("--max-inflight", type=int, default=None, help="engine jobs queued or running per replica before 429")
     s.add_argument("--rate-limit", default=None, help="per-tenant N/SECONDS for new inferences and keys")
     s.add_argument("--key-ttl", type=int, default=None, help="seconds a registered key lives")
     s.add_argument("--redis-url", default=None, help="use Redis (replicas) instead of the embedded store")

@@ -97,6 +97,7 @@ class Client:
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
                                  headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"})
         self._bundles: dict[str, tuple[dict, Path]] = {}
+        self.key_upload_bytes = 0
         self._sessions: dict[str, tuple] = {}  # model_id -> (keys, key_id, client module, embedder)
 
     # http ----------------------------------------------------------------------------------------

@@ -192,9 +192,10 @@ class Service:
         if not self.ready:
             raise ApiError(503, "not_ready", self.not_ready_reason or "not ready", {"Retry-After": "5"})
         if self.inflight >= self.settings.max_inflight:
-            self.metrics.errors.labels("busy").inc()
-            raise ApiError(503, "busy", f"all {self.settings.max_inflight} engine slots are busy; retry later",
-                           {"Retry-After": "1"})
+            # Saturation is back-pressure, not a server failure: 429 + Retry-After (503 is kept for
+            # "not ready", a restarting pool and an unavailable store).
+            raise ApiError(429, "busy", f"all {self.settings.max_inflight} engine slots of this replica are "
+                           "busy; retry later", {"Retry-After": "1"})
         if self.tenant_inflight.get(tenant, 0) >= self.settings.tenant_inflight:
             raise ApiError(429, "tenant_busy", f"tenant already has {self.settings.tenant_inflight} engine jobs "
                            "in flight on this replica; retry later", {"Retry-After": "1"})
@@ -605,8 +606,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         frames = unpack(svc, data)
         m.bytes.labels("in", "ciphertext").inc(len(data))
         # Claim capacity before taking the state, so a 503 leaves the round answerable.
-        if not svc.ready or svc.inflight >= svc.settings.max_inflight:
-            raise ApiError(503, "busy", "all engine slots are busy; retry this round later", {"Retry-After": "1"})
+        if not svc.ready:
+            raise ApiError(503, "not_ready", svc.not_ready_reason or "not ready", {"Retry-After": "5"})
+        if svc.inflight >= svc.settings.max_inflight or \
+                svc.tenant_inflight.get(tenant, 0) >= svc.settings.tenant_inflight:
+            raise ApiError(429, "busy", "engine slots are busy; retry this round later", {"Retry-After": "1"})
         state = await svc.db(svc.store.take_state, inference_id, round, rec.digest)
         if state is None:
             raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was already answered")
@@ -614,7 +618,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out = await svc.run_engine(tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames,
                                       inference_id, round)
         except ApiError as exc:
-            if exc.status >= 500 or exc.code == "tenant_busy":  # not the client's fault: keep the round open
+            if exc.status >= 500 or exc.status == 429:  # not the client's fault: keep the round open
                 await svc.db(svc.store.put_state, rec, state)
             else:
                 m.inferences.labels(rec.model_id, "rejected").inc()

@@ -8,7 +8,7 @@ Environment variables (all optional):
   CIPHERBERT_SECRET            server secret shared by replicas (else <data-dir>/secret, created 0600)
   CIPHERBERT_REDIS_URL         redis://... : use Redis instead of the embedded store
   CIPHERBERT_WORKERS           engine processes in the pool                              default 2
-  CIPHERBERT_MAX_INFLIGHT      engine jobs queued or running per replica before 503      default 2*workers
+  CIPHERBERT_MAX_INFLIGHT      engine jobs queued or running per replica before 429      default max(8, 4*workers)
   CIPHERBERT_TENANT_INFLIGHT   engine jobs per tenant per replica before 429             default = max_inflight
   CIPHERBERT_RATE_LIMIT        per-tenant limit on new inferences/keys, "N/SECONDS"     default 600/60
   CIPHERBERT_KEY_TTL_S         lifetime of registered evaluation keys                    default 604800 (7 days)
@@ -17,6 +17,8 @@ Environment variables (all optional):
   CIPHERBERT_MAX_FRAMES_BYTES  largest accepted ciphertext upload per request            default 64 MiB
   CIPHERBERT_MAX_FRAMES        most ciphertext frames per request                        default 512
   CIPHERBERT_CTX_CACHE         evaluation contexts cached per worker process (LRU)       default 4
+  CIPHERBERT_WARM_TOKENS       token blocks whose kernels each worker encodes at start, e.g. "32,64"
+                               (default: the engine's own choice; an unwarmed block is encoded on first use)
   CIPHERBERT_ENGINE            engine class "module:Class"      default he_models.engine:EncryptedEngine
   CIPHERBERT_MODELS            comma-separated model directory names to load (default: all found)
   CIPHERBERT_REPLICA_ID        name reported in X-Cipherbert-Replica                     default host:pid
@@ -123,6 +125,8 @@ class Settings:
     max_key_bytes: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_KEY_BYTES", 256 << 20))
     max_frames_bytes: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_FRAMES_BYTES", 64 << 20))
     max_frames: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_FRAMES", 512))
+    warm_tokens: list[int] = field(default_factory=lambda: [
+        int(x) for x in os.environ.get("CIPHERBERT_WARM_TOKENS", "").split(",") if x.strip()])
     ctx_cache: int = field(default_factory=lambda: _env_int("CIPHERBERT_CTX_CACHE", 4))
     engine: str = field(default_factory=lambda: os.environ.get(
         "CIPHERBERT_ENGINE", "he_models.engine:EncryptedEngine"))
@@ -137,7 +141,7 @@ class Settings:
         if self.workers < 1:
             raise SettingsError("workers must be >= 1")
         if self.max_inflight <= 0:
-            self.max_inflight = 2 * self.workers
+            self.max_inflight = max(8, 4 * self.workers)
         if self.tenant_inflight <= 0:
             self.tenant_inflight = self.max_inflight
         if not self.api_keys:
@@ -187,6 +191,7 @@ class Settings:
             "engine_secret": self.subkey("engine-mask"),
             "store": self.store_config(),
             "ctx_cache": self.ctx_cache,
+            "warm_tokens": list(self.warm_tokens),
         }
 
     def store_config(self) -> dict:

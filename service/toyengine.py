@@ -73,7 +73,7 @@ class ToyEngine:
         self.secret = server_secret
 
     @classmethod
-    def load(cls, model_dir, server_secret: bytes) -> "ToyEngine":
+    def load(cls, model_dir, server_secret: bytes, warm=()) -> "ToyEngine":
         return cls(Path(model_dir), server_secret)
 
     def client_bundle(self) -> dict:

@@ -46,7 +46,8 @@ def init(config: dict) -> None:
     engines, errors = {}, {}
     for model_dir in discover_models(config["models_dir"], config.get("models")):
         try:
-            engine = cls.load(model_dir, server_secret=config["engine_secret"])
+            kwargs = {"warm": tuple(config["warm_tokens"])} if config.get("warm_tokens") else {}
+            engine = cls.load(model_dir, server_secret=config["engine_secret"], **kwargs)
             engines[engine.model_id] = engine
         except Exception as exc:  # a broken model directory must not take the others down
             errors[model_dir.name] = f"{type(exc).__name__}: {exc}"

@@ -253,8 +253,8 @@ def test_sdk_keeps_secret_local(server, tmp_path):
     assert len(uploads) == 1
 
 
-def test_saturation_answers_503_with_retry_after(server, tmp_path, monkeypatch):
-    """In-process app with every engine slot taken: 503 + Retry-After, nothing consumed."""
+def test_saturation_answers_429_with_retry_after(server, tmp_path, monkeypatch):
+    """In-process app with every engine slot taken: 429 + Retry-After, nothing consumed."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -271,6 +271,6 @@ def test_saturation_answers_503_with_retry_after(server, tmp_path, monkeypatch):
         assert svc.ready
         svc.inflight = svc.settings.max_inflight
         r = tc.post("/v1/keys", params={"model": "toy"}, content=b"x", headers=h())
-        assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"] == "busy"
+        assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"] == "busy"
         svc.inflight = 0
         assert tc.get("/readyz").status_code == 200
