@@ -87,3 +87,42 @@ def test_through_nginx_load_balancer(topology, tmp_path):
     r = httpx.post(f"{nginx.url}/v1/keys", params={"model": "toy"}, content=b"\0" * (8 << 20),
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]
+
+
+@pytest.mark.skipif(not have("nginx"), reason="nginx not installed (make system-deps)")
+def test_deploy_nginx_conf_passes_nginx_t(tmp_path):
+    """deploy/nginx.conf as docker-compose mounts it, with the compose host names pointed at loopback."""
+    import os
+    import shutil
+    import subprocess
+
+    from service.testing import REPO
+
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    conf = conf.replace("api1:8000", "127.0.0.1:8001").replace("api2:8000", "127.0.0.1:8002")
+    conf = conf.replace("/etc/nginx/cipherbert/", f"{REPO / 'deploy'}/")
+    conf = conf.replace("events {", f"pid {tmp_path}/nginx.pid;\nevents {{")
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf
+    (tmp_path / "nginx.conf").write_text(conf)
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    r = subprocess.run([exe, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                        "-g", f"error_log {tmp_path}/error.log;"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "client_max_body_size 512m" in (REPO / "deploy" / "nginx-http.conf").read_text()
+
+
+def test_compose_topology():
+    yaml = pytest.importorskip("yaml")
+    from service.testing import REPO
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    apis = [s for s in services if s.startswith("api")]
+    assert len(apis) >= 2 and "redis" in services and "nginx" in services
+    for name in apis:
+        env = services[name]["environment"]
+        assert env["CIPHERBERT_REDIS_URL"].startswith("redis://redis")
+        assert "CIPHERBERT_SECRET" in env and env["CIPHERBERT_REPLICA_ID"] == name
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "python:3.11-slim" in dockerfile and "download.pytorch.org/whl/cpu torch==2.13.0" in dockerfile
