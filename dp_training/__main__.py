@@ -38,11 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=13)
     p.add_argument("--keep-head", action="store_true",
                    help="keep the base classifier head when label counts match (default: re-initialise)")
+    p.add_argument("--train-scope", choices=("all", "top", "head"), default="all",
+                   help="what DP-SGD trains besides the frozen embeddings: all encoder layers + head (default), "
+                        "the top layer + head, or the head only")
     p.add_argument("--range-data", default=None,
                    help="public text file to record polynomial input ranges on (default: SST-2 dev)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")
     p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine more threads thrash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         physical_batch_size=args.physical_batch_size, max_grad_norm=args.max_grad_norm, lr=args.lr,
         max_length=args.max_length, seed=args.seed, split_seed=args.split_seed, holdout=args.holdout,
         reinit_head=not args.keep_head, progress=not args.quiet, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume, range_data=args.range_data, threads=args.threads)
+        resume=args.resume, range_data=args.range_data, threads=args.threads,
+        train_scope=args.train_scope)
     try:
         report = finetune(cfg)
     except (DatasetError, ConfigError, DPTrainingError) as exc:

@@ -59,7 +59,8 @@ class FinetuneConfig:
     keep_checkpoints: bool = False
     resume: bool = False
     range_data: str | None = None  # public text to record polynomial input ranges on (default SST-2 dev)
-    threads: int | None = None
+    threads: int | None = 1  # torch intra-op threads; 1 is far faster on a shared 2-core box
+    train_scope: str = "all"  # all | top (last encoder layer + head) | head
     extra: dict = field(default_factory=dict)
 
 
@@ -344,6 +345,7 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
 
     torch.manual_seed(cfg.seed)
     twin = make_dp_twin(model)
+    apply_train_scope(twin, cfg.train_scope)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -369,12 +371,14 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         train_module = twin
         noise_multiplier, sample_rate = 0.0, batch_size / n_train
 
-    start_epoch = 0
+    start_epoch, train_samples, train_seconds, history = 0, 0, 0.0, []
     ckpt_path = ckpt_dir / "last.pt"
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if state["fingerprint"] != data_info["fingerprint"] or state["epsilon"] != cfg.epsilon:
-            raise DPTrainingError(f"{ckpt_path}: checkpoint is for other data or epsilon; remove it or drop --resume")
+        if (state["fingerprint"] != data_info["fingerprint"] or state["epsilon"] != cfg.epsilon
+                or state["noise_multiplier"] != noise_multiplier or state["sample_rate"] != sample_rate):
+            raise DPTrainingError(f"{ckpt_path}: checkpoint is for other data or privacy settings; "
+                                  "remove it or drop --resume")
         twin.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if privacy_engine is not None:
@@ -382,8 +386,9 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         torch.set_rng_state(state["rng"])
         gen.set_state(state["loader_rng"])
         start_epoch = state["epoch"]
+        history = state["history"]
+        train_samples, train_seconds = state["train_samples"], state["train_seconds"]
 
-    train_samples, train_seconds, history = 0, 0.0, []
     for epoch in range(start_epoch, cfg.epochs):
         train_module.train()
         t0 = time.perf_counter()
@@ -422,7 +427,9 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         torch.save({"model": twin.state_dict(), "optimizer": optimizer.state_dict(),
                     "accountant": privacy_engine.accountant.state_dict() if privacy_engine else None,
                     "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "epoch": epoch + 1,
-                    "fingerprint": data_info["fingerprint"], "epsilon": cfg.epsilon}, ckpt_path)
+                    "fingerprint": data_info["fingerprint"], "epsilon": cfg.epsilon,
+                    "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "history": history,
+                    "train_samples": train_samples, "train_seconds": train_seconds}, ckpt_path)
 
     if privacy_engine is not None:
         steps = int(sum(h[2] for h in privacy_engine.accountant.history))
@@ -468,6 +475,7 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         "poisson_sampling": dp,
         "clipping": "flat per-sample (all trainable parameters together)" if dp else None,
         "optimizer": {"name": "Adam", "lr": cfg.lr},
+        "train_scope": cfg.train_scope,
         "secure_mode": False,
         "utility": {"split": "test", **test_util},
         "membership_inference_auc": mia,
@@ -489,6 +497,23 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+TRAIN_SCOPES = ("all", "top", "head")
+
+
+def apply_train_scope(twin: HEFriendlyBert, scope: str) -> None:
+    """Freeze more than the embeddings: `top` trains the last encoder layer and the head, `head` the head."""
+    if scope not in TRAIN_SCOPES:
+        raise DPTrainingError(f"train scope {scope!r}: choose one of {list(TRAIN_SCOPES)}")
+    if scope == "all":
+        return
+    keep = ("classifier.", "pooler.")
+    if scope == "top":
+        keep += (f"layers.{len(twin.layers) - 1}.",)
+    for name, p in twin.named_parameters():
+        if not name.startswith(keep):
+            p.requires_grad_(False)
 
 
 def _step(module: nn.Module, optimizer, ids, mask, labels) -> float:

