@@ -19,7 +19,9 @@ import hashlib
 import hmac
 import json
 import math
+import multiprocessing
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
 from he_models.kernels import (Backend, DiagonalMap, EncodedMap, apply_map, build_map,
-                               build_map_fewest_rotations, encode_map)
+                               build_map_fewest_rotations, encode_map, subset_map)
 from he_models.layout import Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
 from he_models.wire import WireError, pack_frames, unpack_frames
@@ -49,6 +51,7 @@ class EvalContext:
     fingerprint: str
     steps: list[int]
     nbytes: int
+    raw: bytes = field(default=b"", repr=False)  # kept to hand the keys to the assistant process once
 
 
 @dataclass
@@ -92,7 +95,7 @@ def _elementwise_triplets(geo: Geometry, scale: np.ndarray) -> tuple[np.ndarray,
 
 class EncryptedEngine:
     def __init__(self, plan: HEPlan, server_secret: bytes, model_id: str, model_dir: Path | None = None,
-                 cache_sizes: int = 3) -> None:
+                 cache_sizes: int = 3, workers: int = 1) -> None:
         if len(server_secret) < 16:
             raise EngineError("server secret must be at least 16 bytes")
         self.plan = plan
@@ -106,20 +109,32 @@ class EncryptedEngine:
         self._maps: OrderedDict[int, list[_LayerMaps]] = OrderedDict()
         self._cache_sizes = cache_sizes
         self.mask_limits = self._mask_limits()
+        self.workers = workers
+        self._assistant: _Assistant | None = None
+        self._lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | Path, server_secret: bytes, mask_bits: int = 10,
-             warm: tuple[int, ...] = (32,)) -> "EncryptedEngine":
+             warm: tuple[int, ...] = (32,), workers: int = 1) -> "EncryptedEngine":
+        """Compile and encode the model. workers=2 forks an assistant process that takes half of
+        every round's work (both cores for one query); workers=1 keeps everything in this process."""
         model_dir = Path(model_dir)
         try:
             plan = compile_plan(model_dir, mask_bits=mask_bits)
         except (PlanError, FileNotFoundError) as exc:
             raise EngineError(f"cannot serve {model_dir}: {exc}") from None
-        engine = cls(plan, server_secret, model_dir.name, model_dir)
+        engine = cls(plan, server_secret, model_dir.name, model_dir, workers=workers)
         for n_p in warm:
             engine._layer_maps(n_p)
+        if workers > 1:
+            engine._assistant = _Assistant(engine)  # forked after warm-up: shares the encoded maps
         return engine
+
+    def close(self) -> None:
+        if self._assistant is not None:
+            self._assistant.close()
+            self._assistant = None
 
     @property
     def model_hash(self) -> str:
@@ -249,7 +264,7 @@ class EncryptedEngine:
                 raise EngineError(f"Galois keys declare step {step} but do not contain it")
         fingerprint = hashlib.sha256(public_keys).hexdigest()[:32]
         return EvalContext(relin=relin, galois=galois, fingerprint=fingerprint,
-                           steps=list(header.galois_steps), nbytes=len(public_keys))
+                           steps=list(header.galois_steps), nbytes=len(public_keys), raw=public_keys)
 
     # -- protocol ------------------------------------------------------------------------------
     def geometry(self, n_tokens: int) -> Geometry:
@@ -264,14 +279,23 @@ class EncryptedEngine:
             raise EngineError(str(exc)) from None
 
     def start(self, ctx: EvalContext, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput:
+        with self._lock:
+            return self._start(ctx, inference_id, n_tokens, inputs)
+
+    def resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *,
+               inference_id: str | None = None, round_no: int | None = None) -> StepOutput:
+        with self._lock:
+            return self._resume(ctx, state, replies, inference_id=inference_id, round_no=round_no)
+
+    def _start(self, ctx: EvalContext, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput:
         if not inference_id or len(inference_id) > 128:
             raise EngineError("inference id must be 1..128 characters")
         geo = self.geometry(n_tokens)
         raw = self._load_replies(inputs, geo.fm_cts(geo.hidden), "input")
         return self._begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
 
-    def resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *,
-               inference_id: str | None = None, round_no: int | None = None) -> StepOutput:
+    def _resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *,
+                inference_id: str | None = None, round_no: int | None = None) -> StepOutput:
         header, saved = self._open_state(state)
         if inference_id is not None and inference_id != header["inference_id"]:
             raise EngineError(f"reply for inference {inference_id!r} does not match the stored "
@@ -296,18 +320,11 @@ class EncryptedEngine:
     # -- rounds --------------------------------------------------------------------------------
     def _begin_layer(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int,
                      raw: list[seal.Ciphertext], round_no: int) -> StepOutput:
-        be = self.backend
-        maps = self._layer_maps(geo.n_p)[layer]
-        L = self.plan.layers[layer]
-        qkv = apply_map(be, maps.qkv, raw, ctx.galois)
+        (q_k, v_x) = self._split(ctx, ("qkv", {"geo": geo, "layer": layer, "raw": raw, "which": "v"}),
+                                 lambda: self._part_qkv(ctx, geo, layer, raw, "qk"))
         n_fm = len(raw)
-        q = self._add_bias(qkv[:n_fm], L.bq, geo)
-        k = self._add_bias(qkv[n_fm:2 * n_fm], L.bk, geo)
-        v = self._add_bias(qkv[2 * n_fm:], L.bv, geo)
-        if maps.x_res is None:
-            x_res = raw
-        else:
-            x_res = self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
+        q, k = q_k[:n_fm], q_k[n_fm:]
+        v, x_res = v_x[:n_fm], v_x[n_fm:]
         rq = self._mask(inference, round_no, f"{layer}.q", len(q))
         rk = self._mask(inference, round_no, f"{layer}.k", len(k))
         to_client = [self._masked_out(c, m) for c, m in zip(q, rq)] + [self._masked_out(c, m) for c, m in zip(k, rk)]
@@ -320,14 +337,9 @@ class EncryptedEngine:
         fresh = self._load_replies(replies, 2 * n_sl, "scores reply")
         s_client, z = fresh[:n_sl], fresh[n_sl:]
         sigma = 1.0 / math.sqrt(geo.n)
-        rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
-        rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
-        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), n_sl, geo.n_p, 2,
-                               self.plan.block_babies(geo.n_p))
-        # Both corrections only need to reach level 1: run C2 one level down (cheaper encodes/rotations).
-        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), n_sl, n_sl, 1, 2)
-        c1_out = apply_map(be, c1, saved["q"], ctx.galois)
-        c2_out = apply_map(be, c2, z, ctx.galois)
+        task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "z": z}
+        c1_out, c2_out = self._split(ctx, ("c2", task),
+                                     lambda: self._part_c1(ctx, geo, layer, inference, r, saved["q"]))
         shift = sigma * self.plan.layers[layer].score_shift
         shift_sl = geo.pack_sl(np.broadcast_to(shift[:, None, None], (geo.heads, geo.n, geo.n)))
         a = []
@@ -347,13 +359,9 @@ class EncryptedEngine:
         n_fm, n_sl = geo.fm_cts(geo.hidden), geo.sl_cts
         fresh = self._load_replies(replies, n_fm + n_sl, "context reply")
         av_client, a_masked = fresh[:n_fm], fresh[n_fm:]
-        ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", n_sl))
-        rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", n_fm), geo.hidden)
-        c3 = self._request_map(self._c3_triplets(geo, rv), n_sl, n_fm, geo.n_p, 2,
-                               self.plan.block_babies(geo.n_p))
-        c4 = self._request_map(self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
-        c3_out = apply_map(be, c3, a_masked, ctx.galois)
-        c4_out = apply_map(be, c4, saved["v"], ctx.galois)
+        task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "v": saved["v"]}
+        c3_out, c4_out = self._split(ctx, ("c4", task),
+                                     lambda: self._part_c3(ctx, geo, layer, inference, r, a_masked))
         context = [be.sub(be.sub(av_client[i], c3_out[i]), c4_out[i]) for i in range(n_fm)]
         maps = self._layer_maps(geo.n_p)[layer]
         L = self.plan.layers[layer]
@@ -369,14 +377,98 @@ class EncryptedEngine:
         h_raw = self._unmask_refresh(replies, inference, r, f"{layer}.h", geo)
         maps = self._layer_maps(geo.n_p)[layer]
         L = self.plan.layers[layer]
-        h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
-        u = self._add_bias(apply_map(be, maps.ffn1, h_raw, ctx.galois), L.b1, geo)
-        g = [be.square(c, ctx.relin) for c in u]
-        f = self._add_bias(apply_map(be, maps.ffn2, g, ctx.galois), L.b2, geo)
+
+        def local_half():
+            h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+            return h_res + self._part_ffn(ctx, geo, layer, h_raw, 0)
+
+        local, f_remote = self._split(ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}),
+                                      local_half)
+        h_res, f_local = local[:n_fm], local[n_fm:]
+        f = self._add_bias([be.add(a, b) for a, b in zip(f_local, f_remote)], L.b2, geo)
         y_raw = [be.add(a, b) for a, b in zip(h_res, f)]
         ry = self._mask(inference, r + 1, f"{layer}.y", n_fm)
         to_client = [self._masked_out(c, m) for c, m in zip(y_raw, ry)]
         return self._emit(ctx, inference, geo, r + 1, "refresh", to_client, {})
+
+    def _split(self, ctx: EvalContext, remote: tuple[str, dict], local):
+        """Run `local()` here and the named half in the assistant (or here, without one)."""
+        name, kwargs = remote
+        if self._assistant is not None:
+            try:
+                pending = self._assistant.submit(ctx, name, kwargs)
+            except (OSError, EOFError, BrokenPipeError):
+                self._assistant = None  # the assistant died: carry on alone
+            else:
+                mine = local()
+                try:
+                    return mine, pending()
+                except (OSError, EOFError):
+                    self._assistant = None
+                    return mine, self._run_part(ctx, name, kwargs)
+        mine = local()
+        return mine, self._run_part(ctx, name, kwargs)
+
+    def _run_part(self, ctx: EvalContext, name: str, kwargs: dict) -> list[seal.Ciphertext]:
+        return getattr(self, f"_part_{name}")(ctx, **kwargs)
+
+    # -- halves of the work, run here or in the assistant process --------------------------------
+    def _part_qkv(self, ctx, geo, layer, raw, which) -> list[seal.Ciphertext]:
+        be = self.backend
+        maps = self._layer_maps(geo.n_p)[layer]
+        L = self.plan.layers[layer]
+        n_fm = len(raw)
+        if which == "qk":
+            out = apply_map(be, subset_map(maps.qkv, outputs=list(range(2 * n_fm))), raw, ctx.galois)
+            return self._add_bias(out[:n_fm], L.bq, geo) + self._add_bias(out[n_fm:], L.bk, geo)
+        v = apply_map(be, subset_map(maps.qkv, outputs=list(range(2 * n_fm, 3 * n_fm))), raw, ctx.galois)
+        v = self._add_bias(v, L.bv, geo)
+        if maps.x_res is None:
+            return v + list(raw)
+        return v + self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
+
+    def _part_c1(self, ctx, geo, layer, inference, r, q) -> list[seal.Ciphertext]:
+        """sigma * Q rK^T, from the server's Q (level 2) to level 1."""
+        sigma = 1.0 / math.sqrt(geo.n)
+        rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
+        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), geo.sl_cts,
+                               geo.n_p, 2, self.plan.block_babies(geo.n_p))
+        return apply_map(self.backend, c1, q, ctx.galois)
+
+    def _part_c2(self, ctx, geo, layer, inference, r, z) -> list[seal.Ciphertext]:
+        """sigma * rQ (K+rK)^T from the client's fresh token-major K+rK, run one level down."""
+        sigma = 1.0 / math.sqrt(geo.n)
+        rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
+        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), geo.sl_cts, geo.sl_cts, 1, 2)
+        return apply_map(self.backend, c2, z, ctx.galois)
+
+    def _part_c3(self, ctx, geo, layer, inference, r, a_masked) -> list[seal.Ciphertext]:
+        """(A+rA) rV from the client's fresh A+rA."""
+        rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", geo.fm_cts(geo.hidden)), geo.hidden)
+        c3 = self._request_map(self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), geo.n_p, 2,
+                               self.plan.block_babies(geo.n_p))
+        return apply_map(self.backend, c3, a_masked, ctx.galois)
+
+    def _part_c4(self, ctx, geo, layer, inference, r, v) -> list[seal.Ciphertext]:
+        """rA V from the server's V (level 2)."""
+        ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", geo.sl_cts))
+        n_fm = geo.fm_cts(geo.hidden)
+        c4 = self._request_map(self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
+        return apply_map(self.backend, c4, v, ctx.galois)
+
+    def _part_ffn(self, ctx, geo, layer, h_raw, half) -> list[seal.Ciphertext]:
+        """One half of the FFN: its share of FFN1's outputs, squared, through its share of FFN2's inputs."""
+        be = self.backend
+        maps = self._layer_maps(geo.n_p)[layer]
+        L = self.plan.layers[layer]
+        n_i = geo.fm_cts(geo.intermediate)
+        cut = n_i // 2
+        idx = list(range(cut)) if half == 0 else list(range(cut, n_i))
+        u = apply_map(be, subset_map(maps.ffn1, outputs=idx), h_raw, ctx.galois)
+        bias = geo.pack_fm(np.broadcast_to(L.b1[None, :], (geo.n, len(L.b1))))
+        u = [be.add_plain(c, bias[i]) for c, i in zip(u, idx)]
+        g = [be.square(c, ctx.relin) for c in u]
+        return apply_map(be, subset_map(maps.ffn2, inputs=idx), g, ctx.galois)
 
     def _after_ffn_refresh(self, ctx, inference, geo, layer, r, replies) -> StepOutput:
         y_raw = self._unmask_refresh(replies, inference, r, f"{layer}.y", geo)
@@ -540,3 +632,76 @@ class EncryptedEngine:
             saved[name] = [load_ciphertext(self.backend.context, frames[pos + j]) for j in range(count)]
             pos += count
         return header, saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The assistant: a forked copy of the engine that takes one half of each round. sealapi holds the
+# GIL, so threads would not help; a process gets the second core. Ciphertexts cross the pipe as bytes.
+
+_CT_ARGS = ("raw", "z", "v", "h_raw", "q", "a_masked")
+
+
+class _Assistant:
+    def __init__(self, engine: "EncryptedEngine") -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_assistant_main, args=(engine, child), daemon=True,
+                                     name="cipherbert-engine-assistant")
+        self._proc.start()
+        child.close()
+        self._keys: set[str] = set()
+        self._engine_context = engine.backend.context
+
+    def submit(self, ctx: EvalContext, name: str, kwargs: dict):
+        if ctx.fingerprint not in self._keys:
+            self._conn.send(("keys", ctx.raw))
+            self._keys.add(ctx.fingerprint)
+        wire = {k: ([save_bytes(c) for c in v] if k in _CT_ARGS else v) for k, v in kwargs.items()}
+        wire["geo"] = wire["geo"].to_dict()
+        self._conn.send(("part", (ctx.fingerprint, name, wire)))
+
+        def result() -> list[seal.Ciphertext]:
+            ok, value = self._conn.recv()
+            if not ok:
+                raise EngineError(f"engine assistant failed: {value}")
+            return [load_ciphertext(self._engine_context, b) for b in value]
+
+        return result
+
+    def close(self) -> None:
+        try:
+            self._conn.send(("stop", None))
+        except (OSError, BrokenPipeError):
+            pass
+        self._proc.join(timeout=2)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def _assistant_main(engine: "EncryptedEngine", conn) -> None:
+    engine._assistant = None
+    contexts: OrderedDict[str, EvalContext] = OrderedDict()
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        if kind == "keys":
+            ctx = engine.load_context(payload)
+            contexts[ctx.fingerprint] = ctx
+            while len(contexts) > 8:
+                contexts.popitem(last=False)
+            continue
+        fingerprint, name, wire = payload
+        try:
+            ctx = contexts[fingerprint]
+            wire["geo"] = Geometry.from_dict(wire["geo"])
+            for key in _CT_ARGS:
+                if key in wire:
+                    wire[key] = [load_ciphertext(engine.backend.context, b) for b in wire[key]]
+            out = engine._run_part(ctx, name, wire)
+            conn.send((True, [save_bytes(c) for c in out]))
+        except Exception as exc:  # reported to the caller, which raises it
+            conn.send((False, f"{type(exc).__name__}: {exc}"))

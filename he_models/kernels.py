@@ -208,6 +208,29 @@ class EncodedMap:
     plaintexts: dict[int, list[tuple[int, int, int, seal.Plaintext]]]
 
 
+def subset_map(emap: EncodedMap, outputs: list[int] | None = None, inputs: list[int] | None = None) -> EncodedMap:
+    """The part of a map that produces some outputs or reads some inputs (no re-encoding).
+
+    Used to split one kernel between two processes: output subsets for maps with several output
+    ciphertexts, input subsets for maps whose partial results are summed afterwards.
+    """
+    out_index = {co: i for i, co in enumerate(outputs)} if outputs is not None else None
+    in_index = {ci: i for i, ci in enumerate(inputs)} if inputs is not None else None
+    plaintexts: dict[int, list] = {}
+    for co, entries in emap.plaintexts.items():
+        if out_index is not None and co not in out_index:
+            continue
+        kept = [(in_index[ci] if in_index is not None else ci, g, b, pt) for ci, g, b, pt in entries
+                if in_index is None or ci in in_index]
+        if kept:
+            plaintexts[out_index[co] if out_index is not None else co] = kept
+    d = emap.dmap
+    dmap = DiagonalMap(n_in=len(inputs) if inputs is not None else d.n_in,
+                       n_out=len(outputs) if outputs is not None else d.n_out, unit=d.unit, baby=d.baby)
+    return EncodedMap(dmap=dmap, level=emap.level, in_scale=emap.in_scale, out_scale=emap.out_scale,
+                      plaintexts=plaintexts)
+
+
 def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float,
                out_scale: float) -> EncodedMap:
     pt_scale = backend.last_prime(level) * out_scale / in_scale
