@@ -167,6 +167,15 @@ class EncryptedEngine:
             dmap = build_map_fewest_rotations(*_fm_triplets(geo, weight), n_in, n_out, self.slots, n_p, babies)
             return encode_map(be, dmap, level, in_scale, s)
 
+        def stacked(weights: list[np.ndarray], level: int) -> EncodedMap:
+            """Several maps of the same input, each output in its own ciphertexts, sharing baby steps."""
+            parts = [_fm_triplets(geo, w) for w in weights]
+            out = np.concatenate([(p[0] + i * fm_h * self.slots).ravel() for i, p in enumerate(parts)])
+            inp = np.concatenate([p[1].ravel() for p in parts])
+            wts = np.concatenate([p[2].ravel() for p in parts])
+            dmap = build_map_fewest_rotations(out, inp, wts, fm_h, len(weights) * fm_h, self.slots, n_p, babies)
+            return encode_map(be, dmap, level, s, s)
+
         def elementwise(scale: np.ndarray, level: int) -> EncodedMap:
             dmap = build_map(*_elementwise_triplets(geo, scale), fm_h, fm_h, self.slots, n_p, BABY_STEPS)
             return encode_map(be, dmap, level, s, s)
@@ -174,7 +183,7 @@ class EncryptedEngine:
         maps = []
         for layer in self.plan.layers:
             maps.append(_LayerMaps(
-                qkv=linear(np.concatenate([layer.wq, layer.wk, layer.wv], axis=1), fm_h, 3 * fm_h, top, s),
+                qkv=stacked([layer.wq, layer.wk, layer.wv], top),
                 x_res=None if layer.in_scale is None else elementwise(layer.in_scale, top),
                 o=linear(layer.wo, fm_h, fm_h, 1, s),
                 n1=elementwise(layer.n1_scale, top),
@@ -382,10 +391,15 @@ class EncryptedEngine:
             h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
             return h_res + self._part_ffn(ctx, geo, layer, h_raw, 0)
 
-        local, f_remote = self._split(ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}),
-                                      local_half)
-        h_res, f_local = local[:n_fm], local[n_fm:]
-        f = self._add_bias([be.add(a, b) for a, b in zip(f_local, f_remote)], L.b2, geo)
+        if geo.fm_cts(geo.intermediate) < 2:  # a single intermediate ciphertext: nothing to split
+            h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+            f = self._part_ffn(ctx, geo, layer, h_raw, None)
+        else:
+            local, f_remote = self._split(
+                ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}), local_half)
+            h_res, f_local = local[:n_fm], local[n_fm:]
+            f = [be.add(a, b) for a, b in zip(f_local, f_remote)]
+        f = self._add_bias(f, L.b2, geo)
         y_raw = [be.add(a, b) for a, b in zip(h_res, f)]
         ry = self._mask(inference, r + 1, f"{layer}.y", n_fm)
         to_client = [self._masked_out(c, m) for c, m in zip(y_raw, ry)]
@@ -463,7 +477,7 @@ class EncryptedEngine:
         L = self.plan.layers[layer]
         n_i = geo.fm_cts(geo.intermediate)
         cut = n_i // 2
-        idx = list(range(cut)) if half == 0 else list(range(cut, n_i))
+        idx = list(range(n_i)) if half is None else (list(range(cut)) if half == 0 else list(range(cut, n_i)))
         u = apply_map(be, subset_map(maps.ffn1, outputs=idx), h_raw, ctx.galois)
         bias = geo.pack_fm(np.broadcast_to(L.b1[None, :], (geo.n, len(L.b1))))
         u = [be.add_plain(c, bias[i]) for c, i in zip(u, idx)]
