@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", default=None, help="load only this model directory (repeatable)")
     s.add_argument("--api-keys", default=None, help="file of tenant:key lines (or env CIPHERBERT_API_KEYS)")
     s.add_argument("--workers", type=int, default=None, help="engine processes (default 2, env CIPHERBERT_WORKERS)")
+    s.add_argument("--engine-workers", type=int, default=None,
+                   help="processes per query inside the engine (2 = both cores on one query)")
     s.add_argument("--max-inflight", type=int, default=None, help="engine jobs queued or running per replica before 429")
     s.add_argument("--rate-limit", default=None, help="per-tenant N/SECONDS for new inferences and keys")
     s.add_argument("--key-ttl", type=int, default=None, help="seconds a registered key lives")
@@ -107,6 +109,8 @@ def cmd_serve(args) -> int:
             settings.api_keys = load_api_keys_file(args.api_keys)
         if args.workers is not None:
             settings.workers = args.workers
+        if args.engine_workers is not None:
+            settings.engine_workers = args.engine_workers
         if args.max_inflight is not None:
             settings.max_inflight = args.max_inflight
         if args.rate_limit is not None:

@@ -208,7 +208,9 @@ def machine_info() -> dict:
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "tenseal": tenseal.__version__,
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # the machine is shared: other jobs' load explains much of the latency spread
+            "loadavg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()]}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

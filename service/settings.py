@@ -17,6 +17,8 @@ Environment variables (all optional):
   CIPHERBERT_MAX_FRAMES_BYTES  largest accepted ciphertext upload per request            default 64 MiB
   CIPHERBERT_MAX_FRAMES        most ciphertext frames per request                        default 512
   CIPHERBERT_CTX_CACHE         evaluation contexts cached per worker process (LRU)       default 4
+  CIPHERBERT_ENGINE_WORKERS    processes one engine uses for a single query (he_models' forked assistant;
+                               2 = both cores on one query: lower latency, pair it with CIPHERBERT_WORKERS=1)
   CIPHERBERT_WARM_TOKENS       token blocks whose kernels each worker encodes at start, e.g. "32,64"
                                (default: the engine's own choice; an unwarmed block is encoded on first use)
   CIPHERBERT_ENGINE            engine class "module:Class"      default he_models.engine:EncryptedEngine
@@ -125,6 +127,7 @@ class Settings:
     max_key_bytes: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_KEY_BYTES", 256 << 20))
     max_frames_bytes: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_FRAMES_BYTES", 64 << 20))
     max_frames: int = field(default_factory=lambda: _env_int("CIPHERBERT_MAX_FRAMES", 512))
+    engine_workers: int = field(default_factory=lambda: _env_int("CIPHERBERT_ENGINE_WORKERS", 1))
     warm_tokens: list[int] = field(default_factory=lambda: [
         int(x) for x in os.environ.get("CIPHERBERT_WARM_TOKENS", "").split(",") if x.strip()])
     ctx_cache: int = field(default_factory=lambda: _env_int("CIPHERBERT_CTX_CACHE", 4))
@@ -192,6 +195,7 @@ class Settings:
             "store": self.store_config(),
             "ctx_cache": self.ctx_cache,
             "warm_tokens": list(self.warm_tokens),
+            "engine_workers": int(self.engine_workers),
         }
 
     def store_config(self) -> dict:

@@ -47,6 +47,8 @@ def init(config: dict) -> None:
     for model_dir in discover_models(config["models_dir"], config.get("models")):
         try:
             kwargs = {"warm": tuple(config["warm_tokens"])} if config.get("warm_tokens") else {}
+            if int(config.get("engine_workers", 1)) > 1:
+                kwargs["workers"] = int(config["engine_workers"])
             engine = cls.load(model_dir, server_secret=config["engine_secret"], **kwargs)
             engines[engine.model_id] = engine
         except Exception as exc:  # a broken model directory must not take the others down
