@@ -136,6 +136,34 @@ def engine_projections(engine: EncryptedEngine, keys: ClientKeys, ctx, x: np.nda
     return statistics.median(times)
 
 
+def mask_tradeoff(engine: EncryptedEngine, keys: ClientKeys, ctx, embedder: Embedder, model,
+                  bits_list: list[int], sentences: int = 8) -> list[dict]:
+    """Hiding bits of the refresh masks vs the logit error they cost (same sentences, same keys)."""
+    import torch
+
+    from cipherbert.data import load_sst2_dev
+
+    texts = [ex.text for ex in load_sst2_dev()[:sentences]]
+    rows = []
+    for bits in bits_list:
+        engine.plan.mask_bits = bits
+        engine.mask_limits = engine._mask_limits()
+        errors = []
+        for i, text in enumerate(texts):
+            emb = embedder.embed(text)
+            run = encrypted_run(engine, keys, ctx, emb, f"mask-{bits}-{i}")
+            with torch.no_grad():
+                ref = model.forward_embedded(torch.tensor(emb, dtype=torch.float32)[None],
+                                             torch.ones(1, emb.shape[0])).logits[0].numpy()
+            errors.append(float(np.abs(run["logits"] - ref).max()))
+        effective = min(v[1] for v in engine.mask_limits.values())
+        rows.append({"mask_bits": bits, "effective_min_bits": effective,
+                     "mean_max_abs_logit_err": float(np.mean(errors)), "max_abs_logit_err": float(max(errors))})
+        print(f"mask 2^{bits} x range (effective >= 2^{effective:.1f}): max |logit err| {max(errors):.2e}, "
+              f"mean {np.mean(errors):.2e}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -144,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-tokens", type=int, default=32,
                         help="tokens for the naive TenSEAL baseline (per-token time is what is compared)")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine.json")
+    parser.add_argument("--workers", type=int, default=2, help="engine processes per query (1 or 2)")
+    parser.add_argument("--mask-trade", action="store_true",
+                        help="only measure logit error against mask size; writes bench/results/mask_precision.json")
     args = parser.parse_args(argv)
 
     import torch
@@ -152,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    engine = EncryptedEngine.load(args.model, os.urandom(32), warm=())
+    engine = EncryptedEngine.load(args.model, os.urandom(32), workers=args.workers)
     load_s = time.perf_counter() - t
     bundle = engine.client_bundle()
     keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
@@ -160,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx = engine.load_context(public)
     embedder = Embedder.from_model_dir(args.model)
     model = HEFriendlyBert.from_pretrained(args.model)
+    if args.mask_trade:
+        rows = mask_tradeoff(engine, keys, ctx, embedder, model, [0, 5, 10, 14, 17])
+        out = args.out.parent / "mask_precision.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine_info(), "model": args.model.name, "rows": rows,
+                                   "headroom_bits": 18, "ckks": engine.plan.params.to_dict()}, indent=2) + "\n")
+        print(f"wrote {out}")
+        engine.close()
+        return 0
     results = []
     print(f"engine load {load_s:.1f} s; evaluation keys {len(public) / 1e6:.1f} MB; "
           f"{os.cpu_count()} cores")
@@ -167,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'up MB':>7} {'down MB':>8} {'max|dlogit|':>11}")
     for n in args.tokens:
         emb = embedder.embed_ids(token_ids(embedder, n))
-        engine._layer_maps(engine.geometry(n).n_p)  # one-time plaintext encoding, not timed
+        engine.warm(n)  # one-time plaintext encoding of this token block, not timed
         runs = [encrypted_run(engine, keys, ctx, emb, f"bench-{n}-{i}") for i in range(args.reps)]
         with torch.no_grad():
             x = torch.tensor(emb, dtype=torch.float32)[None]
@@ -206,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                      "projection from a fresh encryption; engine: the same projections on 32 packed tokens")
     print(f"naive TenSEAL {naive['naive_per_token_s'] * 1e3:.0f} ms/token vs engine "
           f"{naive['engine_per_token_s'] * 1e3:.1f} ms/token: {naive['speedup']:.0f}x")
+    engine.close()
     report = {
         "machine": machine_info(),
+        "engine_workers": args.workers,
         "model": str(args.model.name),
         "model_hash": engine.model_hash,
         "ckks": engine.plan.params.to_dict(),

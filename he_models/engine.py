@@ -131,6 +131,14 @@ class EncryptedEngine:
             engine._assistant = _Assistant(engine)  # forked after warm-up: shares the encoded maps
         return engine
 
+    def warm(self, n_tokens: int) -> None:
+        """Encode the weight kernels for this sentence length's token block now (here and in the assistant)."""
+        n_p = self.geometry(n_tokens).n_p
+        with self._lock:
+            self._layer_maps(n_p)
+            if self._assistant is not None:
+                self._assistant.warm(n_p)
+
     def close(self) -> None:
         if self._assistant is not None:
             self._assistant.close()
@@ -682,6 +690,10 @@ class _Assistant:
 
         return result
 
+    def warm(self, n_p: int) -> None:
+        self._conn.send(("warm", n_p))
+        self._conn.recv()
+
     def close(self) -> None:
         try:
             self._conn.send(("stop", None))
@@ -702,6 +714,10 @@ def _assistant_main(engine: "EncryptedEngine", conn) -> None:
             return
         if kind == "stop":
             return
+        if kind == "warm":
+            engine._layer_maps(payload)
+            conn.send((True, []))
+            continue
         if kind == "keys":
             ctx = engine.load_context(payload)
             contexts[ctx.fingerprint] = ctx
