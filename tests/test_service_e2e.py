@@ -53,6 +53,9 @@ def test_encrypted_inference_through_the_server(models_dir, random_model_dir, tm
     try:
         with Client(server.url, KEY, cache_dir=tmp_path / "client", transport=Recorder()) as client:
             result = client.classify(SENTENCE)
+            key_id = client.register_keys()
+            keys = client._session()[0]
+        bad_input_is_4xx(server.url, key_id, keys)
         metrics = httpx.get(f"{server.url}/metrics").text
     finally:
         server.stop()
@@ -73,6 +76,45 @@ def test_encrypted_inference_through_the_server(models_dir, random_model_dir, tm
     secret_bytes = unpack_frames(keystore.read_bytes(), max_frames=4)[1]
     assert secret_bytes[64:4096] not in uploads[0]
     assert 'cipherbert_rounds_total{kind="scores",model="rand"}' in metrics
+
+
+def bad_input_is_4xx(url, key_id, keys):
+    """The real engine's rejections map to 4xx with a JSON reason, and the server stays ready."""
+    import httpx
+    import tenseal as ts
+
+    from he_models.client import Embedder, answer_round, encrypt_embeddings
+    from he_models.layout import Geometry
+    from he_models.wire import pack_frames
+    from service.protocol import unpack_envelope
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    q = {"model": "rand", "key_id": key_id, "n_tokens": 5}
+    geo = Geometry.for_tokens(5, 128, 2, 512, 4096)
+    good = encrypt_embeddings(keys, np.random.default_rng(0).normal(0, 1, (5, 128)), geo)
+    bodies = {"garbage": b"garbage", "truncated": pack_frames(good)[:-7], "too few": pack_frames(good[:0] + [b"x"]),
+              "random bytes": pack_frames([bytes(len(g)) for g in good]), "too many": pack_frames(good * 3)}
+    for name, body in bodies.items():
+        r = httpx.post(f"{url}/v1/inferences", params=q, content=body, headers=h, timeout=60)
+        assert 400 <= r.status_code < 500 and r.json()["detail"], (name, r.status_code, r.text)
+    r = httpx.post(f"{url}/v1/inferences", params={**q, "n_tokens": 200}, content=pack_frames(good), headers=h)
+    assert r.status_code == 422
+    # a reply with the wrong number of ciphertexts, then garbage: 4xx, and the round is consumed
+    r = httpx.post(f"{url}/v1/inferences", params=q, content=pack_frames(good), headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    header, frames = unpack_envelope(r.content)
+    rh = {**h, "X-Cipherbert-Round-Token": header["round_token"]}
+    rurl = f"{url}/v1/inferences/{header['inference_id']}/rounds/1"
+    replies = answer_round(keys, header["kind"], header["meta"], frames)
+    r = httpx.post(rurl, content=pack_frames(replies[:1]), headers=rh, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    r = httpx.post(rurl, content=pack_frames(replies), headers=rh, timeout=60)
+    assert r.status_code in (404, 409), r.text  # no second try on the same masked state
+    # a TenSEAL context with a secret key, and keys for other parameters
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
+    r = httpx.post(f"{url}/v1/keys", params={"model": "rand"}, content=ctx.serialize(save_secret_key=True), headers=h)
+    assert r.status_code == 400 and "secret key" in r.json()["detail"], r.text
+    assert httpx.get(f"{url}/readyz").status_code == 200
 
 
 @pytest.mark.slow
