@@ -274,3 +274,29 @@ def test_saturation_answers_429_with_retry_after(server, tmp_path, monkeypatch):
         assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"] == "busy"
         svc.inflight = 0
         assert tc.get("/readyz").status_code == 200
+
+
+def test_keys_survive_a_restart(tmp_path):
+    """Embedded store: a key registered before a restart still works after it (same data dir)."""
+    models = tmp_path / "models"
+    make_toy_model(models)
+    data = tmp_path / "data"
+    from service.testing import free_port
+
+    opts = dict(api_keys=f"acme:{ACME}", models_dir=models, engine="service.toyengine:ToyEngine", workers=1,
+                data_dir=data, port=free_port())  # same URL: the SDK's keystore is per server URL
+    first = start_server(tmp_path, **opts)
+    try:
+        with Client(first.url, ACME, cache_dir=tmp_path / "c") as client:
+            key_id = client.register_keys()
+            before = client.classify("a fine film").logits
+    finally:
+        first.stop()
+    second = start_server(tmp_path, **opts)
+    try:
+        with Client(second.url, ACME, cache_dir=tmp_path / "c") as client:
+            assert client.register_keys() == key_id  # found alive, not re-registered
+            after = client.classify("a fine film").logits
+    finally:
+        second.stop()
+    assert np.allclose(before, after, atol=0.05)
