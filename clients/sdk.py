@@ -272,6 +272,23 @@ class Client:
         return header, got[1:], len(body), len(resp.content), resp.headers.get("X-Cipherbert-Replica", "")
 
     def classify(self, text: str, model: str | None = None) -> Result:
+        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError."""
+        try:
+            return self._classify(text, model)
+        except CipherbertError as exc:
+            if exc.code != "unknown_key":
+                raise
+            # The registered key expired or was deleted since this session started: register again.
+            self._sessions.pop(model or self.model_id(), None)
+            for path in self._keystore_paths(self.bundle(model)[0])[1:]:
+                path.unlink(missing_ok=True)
+            return self._classify(text, model)
+        except (ValueError, KeyError) as exc:  # client-half errors: empty text, bad server data
+            raise CipherbertError(f"cannot classify this text: {exc}") from None
+
+    def _classify(self, text: str, model: str | None = None) -> Result:
+        if not isinstance(text, str) or not text.strip():
+            raise CipherbertError("cannot classify an empty text")
         keys, key_id, mod, embedder, bundle = self._session(model)
         t0 = time.perf_counter()
         emb = np.asarray(embedder.embed(text))

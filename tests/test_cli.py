@@ -60,6 +60,8 @@ def test_classify_json_keys_and_errors(server, tmp_path):
     # the SDK notices the deleted key and registers a new one
     r = cli("classify", *base, "-q", "fine again")
     assert r.returncode == 0, r.stderr
+    r = cli("classify", *base, "   ")
+    assert r.returncode == 1 and "empty" in r.stderr and "Traceback" not in r.stderr
     r = cli("classify", "--url", server.url, "--api-key", "wrong-key-000", "--cache-dir", str(tmp_path), "x")
     assert r.returncode == 1 and "401" in r.stderr and "Traceback" not in r.stderr
     r = cli("classify", "--url", "http://127.0.0.1:9", "--api-key", KEY, "--cache-dir", str(tmp_path), "x")

@@ -249,8 +249,13 @@ def test_sdk_keeps_secret_local(server, tmp_path):
     assert np.allclose(result.logits, engine.plaintext_logits(emb), atol=0.05)
     # a second client reuses the keystore and the registered key (no new upload)
     with Client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
+        key_id = client.register_keys()
         client.classify("fine")
-    assert len(uploads) == 1
+        assert len(uploads) == 1
+        # the key is deleted behind the session's back: the SDK registers again and carries on
+        httpx.delete(f"{server.url}/v1/keys/{key_id}", headers=h())
+        assert client.classify("fine again").label in ("negative", "positive")
+        assert len(uploads) == 2 and client.register_keys() != key_id
 
 
 def test_saturation_answers_429_with_retry_after(server, tmp_path, monkeypatch):
