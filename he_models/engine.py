@@ -30,8 +30,8 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
-from he_models.kernels import (Backend, DiagonalMap, EncodedMap, apply_map, build_map,
-                               build_map_fewest_rotations, encode_map, subset_map)
+from he_models.kernels import (Backend, EncodedMap, apply_map, build_map, build_map_fewest_rotations,
+                               encode_map, plan_map_fewest_rotations, subset_map)
 from he_models.layout import Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
 from he_models.wire import WireError, pack_frames, unpack_frames
@@ -111,6 +111,7 @@ class EncryptedEngine:
         self.mask_limits = self._mask_limits()
         self.workers = workers
         self._assistant: _Assistant | None = None
+        self._layouts: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
@@ -337,8 +338,12 @@ class EncryptedEngine:
     # -- rounds --------------------------------------------------------------------------------
     def _begin_layer(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int,
                      raw: list[seal.Ciphertext], round_no: int) -> StepOutput:
+        def whole():
+            both = self._part_qkv(ctx, geo, layer, raw, "all")
+            return both[:2 * len(raw)], both[2 * len(raw):]
+
         (q_k, v_x) = self._split(ctx, ("qkv", {"geo": geo, "layer": layer, "raw": raw, "which": "v"}),
-                                 lambda: self._part_qkv(ctx, geo, layer, raw, "qk"))
+                                 lambda: self._part_qkv(ctx, geo, layer, raw, "qk"), whole)
         n_fm = len(raw)
         q, k = q_k[:n_fm], q_k[n_fm:]
         v, x_res = v_x[:n_fm], v_x[n_fm:]
@@ -403,19 +408,26 @@ class EncryptedEngine:
             h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
             f = self._part_ffn(ctx, geo, layer, h_raw, None)
         else:
+            def whole():
+                h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+                return h_res + self._part_ffn(ctx, geo, layer, h_raw, None), None
+
             local, f_remote = self._split(
-                ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}), local_half)
+                ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}), local_half, whole)
             h_res, f_local = local[:n_fm], local[n_fm:]
-            f = [be.add(a, b) for a, b in zip(f_local, f_remote)]
+            f = f_local if f_remote is None else [be.add(a, b) for a, b in zip(f_local, f_remote)]
         f = self._add_bias(f, L.b2, geo)
         y_raw = [be.add(a, b) for a, b in zip(h_res, f)]
         ry = self._mask(inference, r + 1, f"{layer}.y", n_fm)
         to_client = [self._masked_out(c, m) for c, m in zip(y_raw, ry)]
         return self._emit(ctx, inference, geo, r + 1, "refresh", to_client, {})
 
-    def _split(self, ctx: EvalContext, remote: tuple[str, dict], local):
-        """Run `local()` here and the named half in the assistant (or here, without one)."""
+    def _split(self, ctx: EvalContext, remote: tuple[str, dict], local, whole=None):
+        """Run `local()` here and the named half in the assistant; without an assistant, `whole()`
+        (the unsplit computation, which shares rotations the halves would each repeat) if given."""
         name, kwargs = remote
+        if self._assistant is None and whole is not None:
+            return whole()
         if self._assistant is not None:
             try:
                 pending = self._assistant.submit(ctx, name, kwargs)
@@ -440,20 +452,24 @@ class EncryptedEngine:
         maps = self._layer_maps(geo.n_p)[layer]
         L = self.plan.layers[layer]
         n_fm = len(raw)
+        outputs = {"qk": range(2 * n_fm), "v": range(2 * n_fm, 3 * n_fm), "all": range(3 * n_fm)}[which]
+        out = apply_map(be, subset_map(maps.qkv, outputs=list(outputs)), raw, ctx.galois)
+        biased = []
+        for part, start in (("q", 0), ("k", n_fm), ("v", 2 * n_fm)):
+            if start in outputs:
+                offset = start - outputs.start
+                biased += self._add_bias(out[offset:offset + n_fm], getattr(L, f"b{part}"), geo)
         if which == "qk":
-            out = apply_map(be, subset_map(maps.qkv, outputs=list(range(2 * n_fm))), raw, ctx.galois)
-            return self._add_bias(out[:n_fm], L.bq, geo) + self._add_bias(out[n_fm:], L.bk, geo)
-        v = apply_map(be, subset_map(maps.qkv, outputs=list(range(2 * n_fm, 3 * n_fm))), raw, ctx.galois)
-        v = self._add_bias(v, L.bv, geo)
+            return biased
         if maps.x_res is None:
-            return v + list(raw)
-        return v + self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
+            return biased + list(raw)
+        return biased + self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
 
     def _part_c1(self, ctx, geo, layer, inference, r, q) -> list[seal.Ciphertext]:
         """sigma * Q rK^T, from the server's Q (level 2) to level 1."""
         sigma = 1.0 / math.sqrt(geo.n)
         rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
-        c1 = self._request_map(self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), geo.sl_cts,
+        c1 = self._request_map("c1", geo, self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), geo.sl_cts,
                                geo.n_p, 2, self.plan.block_babies(geo.n_p))
         return apply_map(self.backend, c1, q, ctx.galois)
 
@@ -461,13 +477,13 @@ class EncryptedEngine:
         """sigma * rQ (K+rK)^T from the client's fresh token-major K+rK, run one level down."""
         sigma = 1.0 / math.sqrt(geo.n)
         rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
-        c2 = self._request_map(self._c2_triplets(geo, sigma * rq), geo.sl_cts, geo.sl_cts, 1, 2)
+        c2 = self._request_map("c2", geo, self._c2_triplets(geo, sigma * rq), geo.sl_cts, geo.sl_cts, 1, 2)
         return apply_map(self.backend, c2, z, ctx.galois)
 
     def _part_c3(self, ctx, geo, layer, inference, r, a_masked) -> list[seal.Ciphertext]:
         """(A+rA) rV from the client's fresh A+rA."""
         rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", geo.fm_cts(geo.hidden)), geo.hidden)
-        c3 = self._request_map(self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), geo.n_p, 2,
+        c3 = self._request_map("c3", geo, self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), geo.n_p, 2,
                                self.plan.block_babies(geo.n_p))
         return apply_map(self.backend, c3, a_masked, ctx.galois)
 
@@ -475,7 +491,7 @@ class EncryptedEngine:
         """rA V from the server's V (level 2)."""
         ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", geo.sl_cts))
         n_fm = geo.fm_cts(geo.hidden)
-        c4 = self._request_map(self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
+        c4 = self._request_map("c4", geo, self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
         return apply_map(self.backend, c4, v, ctx.galois)
 
     def _part_ffn(self, ctx, geo, layer, h_raw, half) -> list[seal.Ciphertext]:
@@ -528,10 +544,18 @@ class EncryptedEngine:
                           kind="logits", meta={"num_labels": self.cfg.num_labels, "labels": self._labels()})
 
     # -- mask correction kernels (built per request: the masks are fresh) -----------------------
-    def _request_map(self, triplets, n_in, n_out, unit, level, babies=(BABY_STEPS,)) -> EncodedMap:
+    def _request_map(self, kind: str, geo: Geometry, triplets, n_in, n_out, unit, level,
+                     babies=(BABY_STEPS,)) -> EncodedMap:
+        """Encode a mask-correction map; where its weights land depends only on the geometry (cached)."""
+        key = (kind, geo.n, geo.n_p)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = plan_map_fewest_rotations(triplets[0], triplets[1], n_in, n_out, self.slots, unit, babies)
+            self._layouts[key] = layout
+            while len(self._layouts) > 512:
+                self._layouts.popitem(last=False)
         s = self.plan.params.scale
-        dmap: DiagonalMap = build_map_fewest_rotations(*triplets, n_in, n_out, self.slots, unit, babies)
-        return encode_map(self.backend, dmap, level, s, s)
+        return encode_map(self.backend, layout.fill(triplets[2]), level, s, s)
 
     @staticmethod
     def _head_grid(geo: Geometry):

@@ -144,18 +144,42 @@ class DiagonalMap:
         return total + sum(babies.values())
 
 
-def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, n_in: int, n_out: int,
-              slots: int, unit: int, baby: int) -> DiagonalMap:
-    """Group triplets (global out slot, global in slot, weight) into BSGS diagonals.
+@dataclass
+class MapLayout:
+    """Where each triplet's weight lands among the diagonals: depends on the slots, not the weights,
+    so maps whose weights change per request (mask corrections) reuse it."""
+
+    n_in: int
+    n_out: int
+    unit: int
+    baby: int
+    slots: int
+    row: np.ndarray  # diagonal index of each triplet
+    col: np.ndarray  # slot within the (pre-rotated) diagonal
+    entries: list[tuple[int, int, int, int]]  # per diagonal: (out ct, in ct, g, b)
+
+    def fill(self, weights: np.ndarray) -> DiagonalMap:
+        diags = np.zeros((len(self.entries), self.slots))
+        diags[self.row, self.col] = np.asarray(weights, dtype=np.float64).ravel()
+        dmap = DiagonalMap(n_in=self.n_in, n_out=self.n_out, unit=self.unit, baby=self.baby)
+        for idx, (cout, cin, gg, bb) in enumerate(self.entries):
+            dmap.groups.setdefault(cout, []).append((cin, gg, bb, diags[idx]))
+        return dmap
+
+    def rotations(self) -> int:
+        return self.fill(np.zeros(len(self.row))).rotations()
+
+
+def plan_map(out_slots: np.ndarray, in_slots: np.ndarray, n_in: int, n_out: int, slots: int, unit: int,
+             baby: int) -> MapLayout:
+    """Group triplet positions (global out slot, global in slot) into BSGS diagonals.
 
     The rotation that brings input slot si to output slot so within one ciphertext is r = si - so (mod
-    slots), taken signed so short shifts both ways stay short; r = (g * baby + b) * unit.
+    slots), taken signed so short shifts both ways stay short; r = (g * baby + b) * unit. Each diagonal
+    is stored pre-rotated by -g*giant, so the giant rotation can follow the sum over baby steps.
     """
     out_slots = np.asarray(out_slots, dtype=np.int64).ravel()
     in_slots = np.asarray(in_slots, dtype=np.int64).ravel()
-    weights = np.asarray(weights, dtype=np.float64).ravel()
-    keep = weights != 0
-    out_slots, in_slots, weights = out_slots[keep], in_slots[keep], weights[keep]
     co, so = np.divmod(out_slots, slots)
     ci, si = np.divmod(in_slots, slots)
     r = (si - so) % slots
@@ -169,32 +193,40 @@ def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, 
     g_span = int(g.max(initial=0)) - g_min + 1
     key = ((co * n_in + ci) * g_span + (g - g_min)) * baby + b
     uniq, inverse = np.unique(key, return_inverse=True)
-    diags = np.zeros((len(uniq), slots))
-    diags[inverse, so] = weights
-    dmap = DiagonalMap(n_in=n_in, n_out=n_out, unit=unit, baby=baby)
     giant = unit * baby
-    for idx, k in enumerate(uniq.tolist()):
+    entries = []
+    for k in uniq.tolist():
         bb = k % baby
         rest = k // baby
         gg = rest % g_span + g_min
         rest //= g_span
-        cin, cout = rest % n_in, rest // n_in
-        # Pre-rotate by -g*giant so the giant rotation can be applied after the sum over babies.
-        diag = np.roll(diags[idx], gg * giant)
-        dmap.groups.setdefault(int(cout), []).append((int(cin), int(gg), int(bb), diag))
-    return dmap
+        entries.append((int(rest // n_in), int(rest % n_in), int(gg), int(bb)))
+    col = (so + g * giant) % slots
+    return MapLayout(n_in=n_in, n_out=n_out, unit=unit, baby=baby, slots=slots, row=inverse, col=col,
+                     entries=entries)
+
+
+def plan_map_fewest_rotations(out_slots, in_slots, n_in: int, n_out: int, slots: int, unit: int,
+                              babies: tuple[int, ...]) -> MapLayout:
+    """Try each baby-step count the Galois keys allow and keep the layout that rotates least."""
+    layouts = [plan_map(out_slots, in_slots, n_in, n_out, slots, unit, baby) for baby in babies]
+    return min(layouts, key=lambda layout: layout.rotations())
+
+
+def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, n_in: int, n_out: int,
+              slots: int, unit: int, baby: int) -> DiagonalMap:
+    """Diagonals of the map given as triplets (global out slot, global in slot, weight)."""
+    return build_map_fewest_rotations(out_slots, in_slots, weights, n_in, n_out, slots, unit, (baby,))
 
 
 def build_map_fewest_rotations(out_slots, in_slots, weights, n_in: int, n_out: int, slots: int, unit: int,
                                babies: tuple[int, ...]) -> DiagonalMap:
-    """Try each baby-step count the Galois keys allow and keep the map that rotates least."""
-    best: DiagonalMap | None = None
-    for baby in babies:
-        candidate = build_map(out_slots, in_slots, weights, n_in, n_out, slots, unit, baby)
-        if best is None or candidate.rotations() < best.rotations():
-            best = candidate
-    assert best is not None
-    return best
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    keep = weights != 0
+    out_slots = np.asarray(out_slots).ravel()[keep]
+    in_slots = np.asarray(in_slots).ravel()[keep]
+    layout = plan_map_fewest_rotations(out_slots, in_slots, n_in, n_out, slots, unit, babies)
+    return layout.fill(weights[keep])
 
 
 @dataclass
