@@ -305,3 +305,40 @@ def test_keys_survive_a_restart(tmp_path):
     finally:
         second.stop()
     assert np.allclose(before, after, atol=0.05)
+
+
+def test_engine_worker_crash_is_survived(tmp_path):
+    """A killed engine process gives a 503 + Retry-After at most; the pool restarts and serves again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    models = tmp_path / "models"
+    make_toy_model(models)
+    server = start_server(tmp_path, api_keys=f"acme:{ACME}", models_dir=models,
+                          engine="service.toyengine:ToyEngine", workers=1)
+    try:
+        with Client(server.url, ACME, cache_dir=tmp_path / "c", retries=0) as client:
+            client.classify("warm up")
+            pid = server.popen.pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            workers = [int(c) for c in children
+                       if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+                       and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+            assert workers
+            for w in workers:
+                os.kill(w, signal.SIGKILL)
+            time.sleep(0.5)
+            try:
+                client.classify("after the crash")
+            except Exception as exc:  # the first request may meet the broken pool: 503, never a hang
+                assert getattr(exc, "status", None) == 503, exc
+        deadline = time.time() + 60
+        while httpx.get(f"{server.url}/readyz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        with Client(server.url, ACME, cache_dir=tmp_path / "c") as client:
+            assert client.classify("recovered").label in ("negative", "positive")
+        assert server.popen.poll() is None
+        assert "engine pool broke" in server.tail(20000)
+    finally:
+        server.stop()
