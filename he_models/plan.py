@@ -84,6 +84,26 @@ class HEPlan:
         steps |= {2 ** k for k in range(int(math.log2(slots)))}
         return sorted(s for s in steps if abs(s) < slots)
 
+    def schedule(self) -> list[dict]:
+        """Levels each segment between refreshes consumes; a segment must fit a fresh ciphertext.
+
+        A segment starts at a fresh ciphertext (the client's input or a refresh reply) and ends at the
+        next refresh. The rounds are placed where the level budget runs out; with three levels per
+        fresh ciphertext this is four rounds per layer, and compile_plan refuses parameters that
+        cannot hold a segment.
+        """
+        segments = [
+            {"after": "input or round 4", "ops": ["QKV (1)", "C1 = Q rK^T (1)"], "levels": 2,
+             "then": "round 1 scores (Q, K masked)"},
+            {"after": "round 1", "ops": ["C2 on the reply (1, from level 2)", "2Quad square (1)"], "levels": 2,
+             "then": "round 2 context (A, V masked)"},
+            {"after": "round 2", "ops": ["C3 (1, from level 2)", "C4 on V (1)", "W_o (1)"], "levels": 3,
+             "then": "round 3 refresh (h masked)"},
+            {"after": "round 3", "ops": ["FFN1 (1)", "(u+beta)^2 (1)", "FFN2 (1)"], "levels": 3,
+             "then": "round 4 refresh (y masked)"},
+        ]
+        return segments
+
     def summary(self) -> dict:
         return {
             "format": PLAN_FORMAT,
@@ -92,6 +112,7 @@ class HEPlan:
             "ckks": self.params.to_dict(),
             "galois_steps": self.galois_steps,
             "rounds": self.rounds,
+            "schedule_per_layer": self.schedule(),
             "round_kinds": list(ROUND_KINDS) * len(self.layers),
             "mask_bits": self.mask_bits,
             "ranges": self.ranges,
@@ -252,6 +273,9 @@ def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = N
     layers, head_w, head_b = fold(config, state)
     plan = HEPlan(params=choose_params(config), config=config, layers=layers, head_w=head_w,
                   head_b=head_b, mask_bits=mask_bits, model_hash=model_hash(model_dir))
+    deepest = max(seg["levels"] for seg in plan.schedule())
+    if deepest > plan.params.levels:
+        raise PlanError(f"a segment needs {deepest} levels; the parameters give {plan.params.levels}")
     if calibration is None:
         calibration = default_calibration(model_dir)
     raw = calibrate(plan, calibration)

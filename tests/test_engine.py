@@ -222,3 +222,48 @@ def test_plan_reports_depth_keys_and_security(engine):
     assert len(summary["galois_steps"]) <= 20
     assert summary["rounds"] == 8
     assert all(math.isfinite(v) and v > 0 for v in summary["ranges"].values())
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text_is_refused_by_the_embedder(random_model_dir, text):
+    from he_models.client import ClientError
+
+    with pytest.raises(ClientError, match="empty"):
+        Embedder.from_model_dir(random_model_dir).embed(text)
+
+
+def test_single_token_and_full_block(engine, client, random_model_dir):
+    """Padding: a 1-token input and a 32-token input (a full block) both match plaintext."""
+    keys, ctx = client
+    embedder = Embedder.from_model_dir(random_model_dir)
+    for ids in ([101], embedder.token_ids("word " * 40)[:32]):
+        emb = embedder.embed_ids(ids)
+        logits, _ = run_encrypted(engine, keys, ctx, emb, inference_id=f"len-{len(ids)}")
+        assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [33, 64, 100, 128])
+def test_multi_ciphertext_lengths(engine, client, random_model_dir, n):
+    """Sentences beyond 32 tokens span several ciphertexts per tensor."""
+    keys, ctx = client
+    embedder = Embedder.from_model_dir(random_model_dir)
+    ids = embedder.token_ids("several words of text " * 40)[:n]
+    emb = embedder.embed_ids(ids)
+    logits, _ = run_encrypted(engine, keys, ctx, emb, inference_id=f"len-{n}")
+    assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
+
+
+def test_assistant_process_gives_the_same_result(random_model_dir):
+    """workers=2 splits each round with a forked process; the result must not change."""
+    engine = EncryptedEngine.load(random_model_dir, SECRET, workers=2)
+    try:
+        bundle = engine.client_bundle()
+        keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
+        ctx = engine.load_context(keys.public_keys_bytes())
+        emb = Embedder.from_model_dir(random_model_dir).embed("two processes, one answer")
+        logits, _ = run_encrypted(engine, keys, ctx, emb, inference_id="parallel")
+        assert engine._assistant is not None  # it did not die on the way
+        assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
+    finally:
+        engine.close()
