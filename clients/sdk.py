@@ -41,6 +41,8 @@ class CipherbertError(RuntimeError):
     def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+        self.inference_id: str | None = None  # set when an inference started and then failed
+        self.round: int | None = None
 
 
 @dataclass
@@ -306,9 +308,13 @@ class Client:
             replies = mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
             t_client += time.perf_counter() - tc
             iid, rnd = header["inference_id"], header["round"]
-            header, to_client, u, d, replica = self._post_frames(
-                f"/v1/inferences/{iid}/rounds/{rnd}", replies,
-                headers={ROUND_TOKEN_HEADER: header["round_token"]})
+            try:
+                header, to_client, u, d, replica = self._post_frames(
+                    f"/v1/inferences/{iid}/rounds/{rnd}", replies,
+                    headers={ROUND_TOKEN_HEADER: header["round_token"]})
+            except CipherbertError as exc:  # the inference started but did not finish
+                exc.inference_id, exc.round = iid, rnd
+                raise
             up, down = up + u, down + d
             replicas.append(replica)
         tc = time.perf_counter()

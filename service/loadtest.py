@@ -98,7 +98,8 @@ def client_main(index: int, urls: list[str], api_key: str, model: str, cache_dir
                           and float(np.abs(logits - np.array(o["logits"])).max()) <= TOL]
                 rec["crossed"] = bool(others)
         except CipherbertError as exc:
-            rec.update(ok=False, error=str(exc)[:300], status=exc.status, lost=True)
+            # lost: the server accepted the inference and it never returned logits
+            rec.update(ok=False, error=str(exc)[:300], status=exc.status, lost=exc.inference_id is not None)
         except Exception as exc:
             rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300], lost=True)
         rec["t_end"] = time.time()

@@ -1,0 +1,32 @@
+"""The load test against a real server (real engine, random model): report shape and zero failures."""
+
+import json
+
+import pytest
+
+from service import loadtest
+from service.testing import start_server
+
+KEY = "load-key-0001"
+
+
+def test_loadtest_reports_every_field(random_model_dir, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "rand").symlink_to(random_model_dir, target_is_directory=True)
+    server = start_server(tmp_path, api_keys=f"load:{KEY}", models_dir=models, workers=1,
+                          env={"CIPHERBERT_RATE_LIMIT": "off"})
+    out = tmp_path / "load.json"
+    try:
+        rc = loadtest.main(["--clients", "2", "--duration", "3", "--url", server.url, "--api-key", KEY,
+                            "--model-dir", str(random_model_dir), "--sentences", "4", "--out", str(out),
+                            "--cache-dir", str(tmp_path / "cache")])
+    finally:
+        server.stop()
+    report = json.loads(out.read_text())
+    for key in ("clients", "duration_s", "completed", "errors", "lost", "crossed", "status_5xx",
+                "throughput_rps", "p50_s", "p95_s", "machine"):
+        assert key in report
+    assert rc == 0 and report["completed"] >= 1
+    assert report["errors"] == report["lost"] == report["crossed"] == report["status_5xx"] == 0
+    assert report["label_agreement"] == 1.0
