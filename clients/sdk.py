@@ -301,6 +301,7 @@ class Client:
             "/v1/inferences", frames,
             params={"model": bundle["model_id"], "key_id": key_id, "n_tokens": n_tokens})
         replicas, rounds, t_client = [replica], 0, 0.0
+        t_server = float(header.get("server_s") or 0.0)
         while not header["done"]:
             rounds += 1
             self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
@@ -317,6 +318,7 @@ class Client:
                 raise
             up, down = up + u, down + d
             replicas.append(replica)
+            t_server += float(header.get("server_s") or 0.0)
         tc = time.perf_counter()
         logits = np.asarray(mod.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
         t_client += time.perf_counter() - tc
@@ -327,7 +329,7 @@ class Client:
                       probabilities=[float(p) for p in probs], logits=[float(x) for x in logits],
                       latency_s=time.perf_counter() - t0, upload_bytes=up, download_bytes=down, rounds=rounds,
                       n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
-                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client})
+                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server})
 
     def classify_batch(self, texts: list[str], model: str | None = None) -> list[Result]:
         return [self.classify(t, model=model) for t in texts]
