@@ -184,7 +184,8 @@ class Service:
         if self._startup is not None:
             self._startup.cancel()
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(self.pool)
+            self.pool = None
         self.store.close()
 
     async def run_engine(self, tenant: str, op: str, fn, *args) -> dict:
@@ -235,7 +236,7 @@ class Service:
         self.not_ready_reason = "restarting the engine pool"
         self.pool = self._new_pool()
         if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(old)
         self._startup = asyncio.get_running_loop().create_task(self._warm_up())
 
     # store (blocking calls off the event loop) -------------------------------------------------
@@ -264,6 +265,21 @@ class Service:
         if desc is None:
             raise ApiError(404, "unknown_model", f"no model {model_id!r}; available: {sorted(self.models)}")
         return desc
+
+
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor, timeout: float = 5.0) -> None:
+    """Stop the engine processes now: a job in flight is abandoned (its round stays answerable)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.time() + timeout
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
 
 
 # ------------------------------------------------------------------------------------------ helpers

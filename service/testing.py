@@ -34,6 +34,8 @@ class Proc:
     extra: dict = field(default_factory=dict)
 
     def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process, then anything left in its own process group (it was started in a new
+        session, so the group holds only its children: engine workers, nginx workers)."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -41,6 +43,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def tail(self, n: int = 4000) -> str:
         try:

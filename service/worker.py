@@ -37,10 +37,33 @@ def discover_models(models_dir: str | Path, names: list[str] | None = None) -> l
     return [d for d in dirs if (d / "config.json").is_file()]
 
 
+def _die_with_parent() -> None:
+    """An engine process must never outlive its API process (it holds GBs of encoded weights)."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+    try:  # Linux: the kernel sends SIGTERM when the parent exits
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # portable fallback: re-parented means the parent is gone
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def init(config: dict) -> None:
     """Pool initializer: load every model once in this process."""
     from service.store import open_store
 
+    _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cls = engine_class(config["engine"])
     engines, errors = {}, {}

@@ -342,3 +342,39 @@ def test_engine_worker_crash_is_survived(tmp_path):
         assert "engine pool broke" in server.tail(20000)
     finally:
         server.stop()
+
+
+def _engine_children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            out.append(int(c))
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_engine_workers_never_outlive_the_server(tmp_path, how):
+    import os
+    import signal
+
+    models = tmp_path / "models"
+    make_toy_model(models)
+    server = start_server(tmp_path, api_keys=f"acme:{ACME}", models_dir=models,
+                          engine="service.toyengine:ToyEngine", workers=2)
+    try:
+        workers = _engine_children(server.popen.pid)
+        assert len(workers) == 2
+        server.popen.send_signal(getattr(signal, how))  # only the API process, not its group
+        server.popen.wait(30)
+        deadline = time.time() + 10
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if os.path.exists(f"/proc/{w}")]
+    finally:
+        server.stop()
