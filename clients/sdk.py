@@ -215,6 +215,7 @@ class Client:
             self.progress("generating CKKS keys (only the model's rotation steps; once per server and model)")
             t0 = time.perf_counter()
             keys = mod.ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
+            keys.public_keys_bytes()  # the Galois keys are the slow part (cached by ClientKeys)
             save_secret(keys, secret_path)
             self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
         key_id = None
