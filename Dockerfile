@@ -24,7 +24,8 @@ COPY service/ service/
 COPY clients/ clients/
 COPY distill/ distill/
 COPY dp_training/ dp_training/
-RUN pip install . && python -c "import tenseal, fastapi, uvicorn, redis; print('deps ok')"
+# Editable install: the code stays in /app (training configs and models resolve relative to it).
+RUN pip install -e . && python -c "import tenseal, fastapi, uvicorn, redis, service.app, clients.sdk; print('deps ok')"
 
 # The shipped model(s). The engine caches derived files under models/<id>/.cache, so the service user
 # owns this directory.
