@@ -67,10 +67,14 @@ def one_at_a_time(twin, ids, mask, labels):
     return params, grads
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pooler": "poly", "pooling": "cls"}, {"gelu": "exact"}])
-def test_per_sample_gradients_match_one_at_a_time(overrides):
+@pytest.mark.parametrize("overrides, scope", [({}, "all"), ({"pooler": "poly", "pooling": "cls"}, "all"),
+                                              ({"gelu": "exact"}, "all"), ({}, "bitfit")])
+def test_per_sample_gradients_match_one_at_a_time(overrides, scope):
+    from dp_training.train import apply_train_scope
+
     model = tiny_model(**overrides)
     twin = make_dp_twin(model)
+    apply_train_scope(twin, scope)
     ids, mask, labels = batch()
     params, reference = one_at_a_time(twin, ids, mask, labels)
     gsm = GradSampleModule(twin, loss_reduction="sum", strict=True)
@@ -145,6 +149,17 @@ def test_frozen_norm_keeps_samples_independent():
     with torch.no_grad():
         assert not torch.allclose(model(ids, mask).logits[0], model(other, mask).logits[0])
     torch.testing.assert_close(twin(ids, mask).logits[0], twin(other, mask).logits[0])
+
+
+def test_bitfit_scope_trains_biases_norms_log_z_and_head():
+    from dp_training.train import apply_train_scope
+
+    twin = make_dp_twin(tiny_model())
+    apply_train_scope(twin, "bitfit")
+    trainable = {n for n, p in twin.named_parameters() if p.requires_grad}
+    assert "layers.0.fc1.bias" in trainable and "layers.0.fc1.weight" not in trainable
+    assert {"layers.1.norm1.weight", "layers.1.attn.head_scale.log_z", "classifier.weight"} <= trainable
+    assert not any(n.startswith("embeddings.") for n in trainable)
 
 
 def test_what_is_trained_and_what_is_frozen():
