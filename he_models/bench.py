@@ -120,7 +120,7 @@ def engine_projections(engine: EncryptedEngine, keys: ClientKeys, ctx, x: np.nda
     from he_models.ckks import load_ciphertext
 
     geo = engine.geometry(x.shape[0])
-    maps = engine._layer_maps(geo.n_p)[0]
+    maps = engine._layer_maps()[0]
     be = engine.backend
     times = []
     for _ in range(reps):

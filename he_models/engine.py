@@ -32,7 +32,7 @@ import tenseal.sealapi as seal
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
 from he_models.kernels import (Backend, EncodedMap, apply_map, build_map, build_map_fewest_rotations,
                                encode_map, plan_map_fewest_rotations, subset_map)
-from he_models.layout import Geometry, LayoutError
+from he_models.layout import CHUNK, Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
 from he_models.wire import WireError, pack_frames, unpack_frames
 
@@ -75,27 +75,27 @@ class _LayerMaps:
     ffn2: EncodedMap
 
 
-def _fm_triplets(geo: Geometry, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Triplets of x @ weight over feature-major packing, for every token slot of the block."""
+def _fm_triplets(chunk: Geometry, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Triplets of x @ weight over one feature-major chunk (32 token slots)."""
     fin, fout = weight.shape
-    t = np.arange(geo.n_p)[:, None, None]
+    t = np.arange(CHUNK)[:, None, None]
     i = np.arange(fin)[None, :, None]
     j = np.arange(fout)[None, None, :]
-    shape = (geo.n_p, fin, fout)
-    out_slots = np.broadcast_to(j * geo.n_p + t, shape)
-    in_slots = np.broadcast_to(i * geo.n_p + t, shape)
+    shape = (CHUNK, fin, fout)
+    out_slots = np.broadcast_to(chunk.fm_slot(t, j, fout), shape)
+    in_slots = np.broadcast_to(chunk.fm_slot(t, i, fin), shape)
     weights = np.broadcast_to(weight[None], shape)
     return out_slots, in_slots, weights
 
 
-def _elementwise_triplets(geo: Geometry, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    idx = geo.fm_index(len(scale))
+def _elementwise_triplets(chunk: Geometry, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = chunk.fm_index(len(scale))
     return idx, idx, np.broadcast_to(scale[None, :], idx.shape)
 
 
 class EncryptedEngine:
     def __init__(self, plan: HEPlan, server_secret: bytes, model_id: str, model_dir: Path | None = None,
-                 cache_sizes: int = 3, workers: int = 1) -> None:
+                 workers: int = 1) -> None:
         if len(server_secret) < 16:
             raise EngineError("server secret must be at least 16 bytes")
         self.plan = plan
@@ -106,8 +106,7 @@ class EncryptedEngine:
         self.slots = plan.params.slots
         self.cfg = plan.config
         self.max_tokens = self.cfg.max_position
-        self._maps: OrderedDict[int, list[_LayerMaps]] = OrderedDict()
-        self._cache_sizes = cache_sizes
+        self._maps: list[_LayerMaps] | None = None
         self.mask_limits = self._mask_limits()
         self.workers = workers
         self._assistant: _Assistant | None = None
@@ -117,7 +116,7 @@ class EncryptedEngine:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | Path, server_secret: bytes, mask_bits: int = 10,
-             warm: tuple[int, ...] = (32,), workers: int = 1) -> "EncryptedEngine":
+             warm: tuple[int, ...] = (), workers: int = 1) -> "EncryptedEngine":
         """Compile and encode the model. workers=2 forks an assistant process that takes half of
         every round's work (both cores for one query); workers=1 keeps everything in this process."""
         model_dir = Path(model_dir)
@@ -126,19 +125,16 @@ class EncryptedEngine:
         except (PlanError, FileNotFoundError) as exc:
             raise EngineError(f"cannot serve {model_dir}: {exc}") from None
         engine = cls(plan, server_secret, model_dir.name, model_dir, workers=workers)
-        for n_p in warm:
-            engine._layer_maps(n_p)
+        engine._layer_maps()  # `warm` is accepted for compatibility: one set of kernels serves every length
         if workers > 1:
             engine._assistant = _Assistant(engine)  # forked after warm-up: shares the encoded maps
         return engine
 
     def warm(self, n_tokens: int) -> None:
         """Encode the weight kernels for this sentence length's token block now (here and in the assistant)."""
-        n_p = self.geometry(n_tokens).n_p
+        self.geometry(n_tokens)
         with self._lock:
-            self._layer_maps(n_p)
-            if self._assistant is not None:
-                self._assistant.warm(n_p)
+            self._layer_maps()
 
     def close(self) -> None:
         if self._assistant is not None:
@@ -158,22 +154,23 @@ class EncryptedEngine:
             limits[name] = (width, math.log2(max(width / rng, 1.0)))
         return limits
 
-    def _layer_maps(self, n_p: int) -> list[_LayerMaps]:
-        """Weight kernels for one token block, encoded once and kept (LRU over block sizes)."""
-        if n_p in self._maps:
-            self._maps.move_to_end(n_p)
-            return self._maps[n_p]
-        geo = Geometry(n=n_p, n_p=n_p, hidden=self.cfg.hidden_size, heads=self.cfg.num_heads,
-                       intermediate=self.cfg.intermediate_size, slots=self.slots)
+    def chunk_geometry(self) -> Geometry:
+        return Geometry(n=CHUNK, n_p=CHUNK, hidden=self.cfg.hidden_size, heads=self.cfg.num_heads,
+                        intermediate=self.cfg.intermediate_size, slots=self.slots)
+
+    def _layer_maps(self) -> list[_LayerMaps]:
+        """Weight kernels for one 32-token chunk, encoded once at load; longer inputs apply them per chunk."""
+        if self._maps is not None:
+            return self._maps
+        geo = self.chunk_geometry()
         be, s = self.backend, self.plan.params.scale
         top = be.top
         fm_h, fm_i = geo.fm_cts(geo.hidden), geo.fm_cts(geo.intermediate)
         square_scale_l2 = s * s / be.last_prime(2)
-
-        babies = self.plan.block_babies(n_p)
+        babies = self.plan.block_babies(CHUNK)
 
         def linear(weight: np.ndarray, n_in: int, n_out: int, level: int, in_scale: float) -> EncodedMap:
-            dmap = build_map_fewest_rotations(*_fm_triplets(geo, weight), n_in, n_out, self.slots, n_p, babies)
+            dmap = build_map_fewest_rotations(*_fm_triplets(geo, weight), n_in, n_out, self.slots, CHUNK, babies)
             return encode_map(be, dmap, level, in_scale, s)
 
         def stacked(weights: list[np.ndarray], level: int) -> EncodedMap:
@@ -182,11 +179,11 @@ class EncryptedEngine:
             out = np.concatenate([(p[0] + i * fm_h * self.slots).ravel() for i, p in enumerate(parts)])
             inp = np.concatenate([p[1].ravel() for p in parts])
             wts = np.concatenate([p[2].ravel() for p in parts])
-            dmap = build_map_fewest_rotations(out, inp, wts, fm_h, len(weights) * fm_h, self.slots, n_p, babies)
+            dmap = build_map_fewest_rotations(out, inp, wts, fm_h, len(weights) * fm_h, self.slots, CHUNK, babies)
             return encode_map(be, dmap, level, s, s)
 
         def elementwise(scale: np.ndarray, level: int) -> EncodedMap:
-            dmap = build_map(*_elementwise_triplets(geo, scale), fm_h, fm_h, self.slots, n_p, BABY_STEPS)
+            dmap = build_map(*_elementwise_triplets(geo, scale), fm_h, fm_h, self.slots, CHUNK, BABY_STEPS)
             return encode_map(be, dmap, level, s, s)
 
         maps = []
@@ -199,10 +196,19 @@ class EncryptedEngine:
                 ffn1=linear(layer.w1, fm_h, fm_i, top, s),
                 ffn2=linear(layer.w2, fm_i, fm_h, 1, square_scale_l2),
             ))
-        self._maps[n_p] = maps
-        while len(self._maps) > self._cache_sizes:
-            self._maps.popitem(last=False)
+        self._maps = maps
         return maps
+
+    def _per_chunk(self, emap: EncodedMap, cts: list[seal.Ciphertext],
+                   ctx: EvalContext) -> list[list[seal.Ciphertext]]:
+        """Apply a one-chunk kernel to each chunk's ciphertexts; outputs grouped by chunk."""
+        n_in = emap.dmap.n_in
+        if len(cts) % n_in:
+            raise EngineError(f"{len(cts)} ciphertexts do not split into chunks of {n_in}")
+        return [apply_map(self.backend, emap, cts[c:c + n_in], ctx.galois) for c in range(0, len(cts), n_in)]
+
+    def _chunked(self, emap: EncodedMap, cts: list[seal.Ciphertext], ctx: EvalContext) -> list[seal.Ciphertext]:
+        return [ct for chunk in self._per_chunk(emap, cts, ctx) for ct in chunk]
 
     # -- bundle and keys -----------------------------------------------------------------------
     def client_bundle(self) -> dict:
@@ -385,9 +391,9 @@ class EncryptedEngine:
         c3_out, c4_out = self._split(ctx, ("c4", task),
                                      lambda: self._part_c3(ctx, geo, layer, inference, r, a_masked))
         context = [be.sub(be.sub(av_client[i], c3_out[i]), c4_out[i]) for i in range(n_fm)]
-        maps = self._layer_maps(geo.n_p)[layer]
+        maps = self._layer_maps()[layer]
         L = self.plan.layers[layer]
-        out = self._add_bias(apply_map(be, maps.o, context, ctx.galois), L.bo, geo)
+        out = self._add_bias(self._chunked(maps.o, context, ctx), L.bo, geo)
         h_raw = [be.add(x, o) for x, o in zip(saved["x_res"], out)]
         rh = self._mask(inference, r + 1, f"{layer}.h", n_fm)
         to_client = [self._masked_out(c, m) for c, m in zip(h_raw, rh)]
@@ -397,19 +403,19 @@ class EncryptedEngine:
         be = self.backend
         n_fm = geo.fm_cts(geo.hidden)
         h_raw = self._unmask_refresh(replies, inference, r, f"{layer}.h", geo)
-        maps = self._layer_maps(geo.n_p)[layer]
+        maps = self._layer_maps()[layer]
         L = self.plan.layers[layer]
 
         def local_half():
-            h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+            h_res = self._add_bias(self._chunked(maps.n1, h_raw, ctx), L.n1_shift, geo)
             return h_res + self._part_ffn(ctx, geo, layer, h_raw, 0)
 
-        if geo.fm_cts(geo.intermediate) < 2:  # a single intermediate ciphertext: nothing to split
-            h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+        if geo.per_chunk(geo.intermediate) < 2:  # one intermediate ciphertext per chunk: nothing to split
+            h_res = self._add_bias(self._chunked(maps.n1, h_raw, ctx), L.n1_shift, geo)
             f = self._part_ffn(ctx, geo, layer, h_raw, None)
         else:
             def whole():
-                h_res = self._add_bias(apply_map(be, maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+                h_res = self._add_bias(self._chunked(maps.n1, h_raw, ctx), L.n1_shift, geo)
                 return h_res + self._part_ffn(ctx, geo, layer, h_raw, None), None
 
             local, f_remote = self._split(
@@ -448,29 +454,30 @@ class EncryptedEngine:
 
     # -- halves of the work, run here or in the assistant process --------------------------------
     def _part_qkv(self, ctx, geo, layer, raw, which) -> list[seal.Ciphertext]:
-        be = self.backend
-        maps = self._layer_maps(geo.n_p)[layer]
+        """Q and K, or V and the residual input (x_res), or all of them; each grouped chunk by chunk."""
+        maps = self._layer_maps()[layer]
         L = self.plan.layers[layer]
-        n_fm = len(raw)
-        outputs = {"qk": range(2 * n_fm), "v": range(2 * n_fm, 3 * n_fm), "all": range(3 * n_fm)}[which]
-        out = apply_map(be, subset_map(maps.qkv, outputs=list(outputs)), raw, ctx.galois)
-        biased = []
-        for part, start in (("q", 0), ("k", n_fm), ("v", 2 * n_fm)):
-            if start in outputs:
-                offset = start - outputs.start
-                biased += self._add_bias(out[offset:offset + n_fm], getattr(L, f"b{part}"), geo)
+        per = geo.per_chunk(geo.hidden)
+        parts = {"qk": ("q", "k"), "v": ("v",), "all": ("q", "k", "v")}[which]
+        index = {"q": 0, "k": 1, "v": 2}
+        outputs = [index[p] * per + j for p in parts for j in range(per)]
+        chunks = self._per_chunk(subset_map(maps.qkv, outputs=outputs), raw, ctx)
+        result = []
+        for pos, name in enumerate(parts):
+            cts = [ct for chunk in chunks for ct in chunk[pos * per:(pos + 1) * per]]
+            result += self._add_bias(cts, getattr(L, f"b{name}"), geo)
         if which == "qk":
-            return biased
+            return result
         if maps.x_res is None:
-            return biased + list(raw)
-        return biased + self._add_bias(apply_map(be, maps.x_res, raw, ctx.galois), L.in_shift, geo)
+            return result + list(raw)
+        return result + self._add_bias(self._chunked(maps.x_res, raw, ctx), L.in_shift, geo)
 
     def _part_c1(self, ctx, geo, layer, inference, r, q) -> list[seal.Ciphertext]:
         """sigma * Q rK^T, from the server's Q (level 2) to level 1."""
         sigma = 1.0 / math.sqrt(geo.n)
         rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
         c1 = self._request_map("c1", geo, self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), geo.sl_cts,
-                               geo.n_p, 2, self.plan.block_babies(geo.n_p))
+                               CHUNK, 2, self.plan.block_babies(CHUNK))
         return apply_map(self.backend, c1, q, ctx.galois)
 
     def _part_c2(self, ctx, geo, layer, inference, r, z) -> list[seal.Ciphertext]:
@@ -483,8 +490,8 @@ class EncryptedEngine:
     def _part_c3(self, ctx, geo, layer, inference, r, a_masked) -> list[seal.Ciphertext]:
         """(A+rA) rV from the client's fresh A+rA."""
         rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", geo.fm_cts(geo.hidden)), geo.hidden)
-        c3 = self._request_map("c3", geo, self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), geo.n_p, 2,
-                               self.plan.block_babies(geo.n_p))
+        c3 = self._request_map("c3", geo, self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), CHUNK, 2,
+                               self.plan.block_babies(CHUNK))
         return apply_map(self.backend, c3, a_masked, ctx.galois)
 
     def _part_c4(self, ctx, geo, layer, inference, r, v) -> list[seal.Ciphertext]:
@@ -495,18 +502,22 @@ class EncryptedEngine:
         return apply_map(self.backend, c4, v, ctx.galois)
 
     def _part_ffn(self, ctx, geo, layer, h_raw, half) -> list[seal.Ciphertext]:
-        """One half of the FFN: its share of FFN1's outputs, squared, through its share of FFN2's inputs."""
+        """One half of the FFN: its share of FFN1's outputs (in every chunk), squared, through its share
+        of FFN2's inputs; half=None does all of it."""
         be = self.backend
-        maps = self._layer_maps(geo.n_p)[layer]
+        maps = self._layer_maps()[layer]
         L = self.plan.layers[layer]
-        n_i = geo.fm_cts(geo.intermediate)
-        cut = n_i // 2
-        idx = list(range(n_i)) if half is None else (list(range(cut)) if half == 0 else list(range(cut, n_i)))
-        u = apply_map(be, subset_map(maps.ffn1, outputs=idx), h_raw, ctx.galois)
+        per = geo.per_chunk(geo.intermediate)
+        cut = per // 2
+        idx = list(range(per)) if half is None else (list(range(cut)) if half == 0 else list(range(cut, per)))
         bias = geo.pack_fm(np.broadcast_to(L.b1[None, :], (geo.n, len(L.b1))))
-        u = [be.add_plain(c, bias[i]) for c, i in zip(u, idx)]
-        g = [be.square(c, ctx.relin) for c in u]
-        return apply_map(be, subset_map(maps.ffn2, inputs=idx), g, ctx.galois)
+        ffn1, ffn2 = subset_map(maps.ffn1, outputs=idx), subset_map(maps.ffn2, inputs=idx)
+        out = []
+        for c, u in enumerate(self._per_chunk(ffn1, h_raw, ctx)):
+            u = [be.add_plain(ct, bias[c * per + i]) for ct, i in zip(u, idx)]
+            g = [be.square(ct, ctx.relin) for ct in u]
+            out += apply_map(be, ffn2, g, ctx.galois)
+        return out
 
     def _after_ffn_refresh(self, ctx, inference, geo, layer, r, replies) -> StepOutput:
         y_raw = self._unmask_refresh(replies, inference, r, f"{layer}.y", geo)
@@ -571,7 +582,7 @@ class EncryptedEngine:
         f = h * geo.head_dim + d
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
         out = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
-        inp = np.broadcast_to(f * geo.n_p + i, shape)
+        inp = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
         return out, inp, np.broadcast_to(w_rk[k, f], shape)
 
     def _c2_triplets(self, geo, w_rq):
@@ -588,7 +599,7 @@ class EncryptedEngine:
         h, k, i, e = self._head_grid(geo)
         f = h * geo.head_dim + e
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to(f * geo.n_p + i, shape)
+        out = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
         inp = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
         return out, inp, np.broadcast_to(rv[k, f], shape)
 
@@ -597,8 +608,8 @@ class EncryptedEngine:
         h, k, i, e = self._head_grid(geo)
         f = h * geo.head_dim + e
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to(f * geo.n_p + i, shape)
-        inp = np.broadcast_to(f * geo.n_p + k, shape)
+        out = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
+        inp = np.broadcast_to(geo.fm_slot(k, f, geo.hidden), shape)
         return out, inp, np.broadcast_to(ra[h, k, i], shape)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -714,10 +725,6 @@ class _Assistant:
 
         return result
 
-    def warm(self, n_p: int) -> None:
-        self._conn.send(("warm", n_p))
-        self._conn.recv()
-
     def close(self) -> None:
         try:
             self._conn.send(("stop", None))
@@ -738,10 +745,6 @@ def _assistant_main(engine: "EncryptedEngine", conn) -> None:
             return
         if kind == "stop":
             return
-        if kind == "warm":
-            engine._layer_maps(payload)
-            conn.send((True, []))
-            continue
         if kind == "keys":
             ctx = engine.load_context(payload)
             contexts[ctx.fingerprint] = ctx

@@ -3,13 +3,16 @@
 Three layouts, each a map from logical indices to a global slot index; global slot g lives in
 ciphertext g // slots at slot g % slots:
 
-- feature-major  FM: (token t, feature f)          -> f * n_p + t         (linear layers: block rotations)
-- score          SL: (head h, key k, query i)      -> (h * n_p + k) * B + i
-- token-major    TM: (head h, token k, feature d)  -> (h * n_p + k) * B + d
+- feature-major  FM: (token t, feature f)      -> chunk(t) + f * 32 + t % 32   (linear layers)
+  Tokens go in chunks of 32: chunk c holds tokens 32c..32c+31 of every feature in ceil(32 F / slots)
+  ciphertexts of its own, so one set of weight kernels (encoded once, for 32 tokens) serves every
+  sentence length, chunk by chunk.
+- score          SL: (head h, key k, query i)  -> (h * n_p + k) * B + i
+- token-major    TM: (head h, token k, feat d) -> (h * n_p + k) * B + d
 
-n_p is the token block (32, 64 or 128; a sentence of n tokens uses the smallest that holds it) and
-B = max(n_p, head_dim), so SL and TM share their block structure and a within-block mixing kernel maps
-one onto the other. Slots of padded tokens hold zeros.
+n_p is the attention block (32, 64 or 128: the smallest power of two holding the sentence) and
+B = max(n_p, head_dim), so SL and TM share their block structure and a within-block kernel maps one
+onto the other. Slots of padded tokens hold zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TOKEN_BLOCKS = (32, 64, 128)
+CHUNK = 32  # tokens per feature-major chunk
 
 
 class LayoutError(ValueError):
@@ -60,19 +64,31 @@ class Geometry:
     def cts(self, total_slots: int) -> int:
         return -(-total_slots // self.slots)
 
+    @property
+    def chunks(self) -> int:
+        return -(-self.n // CHUNK)
+
+    def per_chunk(self, features: int) -> int:
+        """Ciphertexts one chunk of 32 tokens needs for `features` features."""
+        return self.cts(features * CHUNK)
+
     def fm_cts(self, features: int) -> int:
-        return self.cts(features * self.n_p)
+        return self.chunks * self.per_chunk(features)
 
     @property
     def sl_cts(self) -> int:
         return self.cts(self.heads * self.n_p * self.block)
 
     # -- index maps ---------------------------------------------------------------------------
+    def fm_slot(self, t: np.ndarray, f: np.ndarray, features: int) -> np.ndarray:
+        """Global slot of (token t, feature f) in the chunked feature-major layout."""
+        return (t // CHUNK) * (self.per_chunk(features) * self.slots) + f * CHUNK + t % CHUNK
+
     def fm_index(self, features: int) -> np.ndarray:
-        """[t, f] -> global slot, for t < n_p."""
-        t = np.arange(self.n_p)[:, None]
+        """[t, f] -> global slot, for every token slot of the chunks (t < chunks * 32)."""
+        t = np.arange(self.chunks * CHUNK)[:, None]
         f = np.arange(features)[None, :]
-        return f * self.n_p + t
+        return self.fm_slot(t, f, features)
 
     def sl_index(self) -> np.ndarray:
         """[h, k, i] -> global slot."""
@@ -104,7 +120,7 @@ class Geometry:
         n, features = x.shape
         if n != self.n:
             raise LayoutError(f"expected {self.n} tokens, got {n}")
-        padded = np.zeros((self.n_p, features))
+        padded = np.zeros((self.chunks * CHUNK, features))
         padded[:n] = x
         return self._scatter(self.fm_index(features), padded, self.fm_cts(features))
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from he_models.ckks import CKKSParams
 from he_models.config import ConfigError, HEConfig
-from he_models.layout import TOKEN_BLOCKS
+from he_models.layout import CHUNK
 
 PLAN_FORMAT = "cipherbert-he-plan/1"
 ROUNDS_PER_LAYER = 4  # scores, context, refresh after attention, refresh after the FFN
@@ -77,9 +77,7 @@ class HEPlan:
     @property
     def galois_steps(self) -> list[int]:
         slots = self.params.slots
-        steps = {1, BABY_STEPS, -BABY_STEPS}
-        for n_p in TOKEN_BLOCKS:
-            steps.add(n_p)
+        steps = {1, BABY_STEPS, -BABY_STEPS, CHUNK}
         steps |= set(GIANT_STEPS) | {-g for g in GIANT_STEPS}
         steps |= {2 ** k for k in range(int(math.log2(slots)))}
         return sorted(s for s in steps if abs(s) < slots)
