@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify text encrypted end to end")
     _client_args(c)
     c.add_argument("--json", action="store_true", help="print one JSON object per text")
+    c.add_argument("--concurrency", type=int, default=1, help="inferences in flight at once (several texts)")
     c.add_argument("text", nargs="+", help="sentence(s) to classify")
 
     sub.add_parser("distill", help="train the HE-friendly student (distill.__main__)", add_help=False)
@@ -167,8 +168,8 @@ def cmd_keys(args) -> int:
 
 def cmd_classify(args) -> int:
     with _client(args) as client:
-        for text in args.text:
-            r = client.classify(text)
+        results = client.classify_batch(args.text, concurrency=args.concurrency)
+        for text, r in zip(args.text, results):
             if args.json:
                 print(json.dumps({"text": text, **r.to_dict()}))
             else:

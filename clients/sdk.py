@@ -332,8 +332,17 @@ class Client:
                       n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
                       replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server})
 
-    def classify_batch(self, texts: list[str], model: str | None = None) -> list[Result]:
-        return [self.classify(t, model=model) for t in texts]
+    def classify_batch(self, texts: list[str], model: str | None = None, concurrency: int = 1) -> list[Result]:
+        """Classify several texts; `concurrency` > 1 keeps that many inferences in flight (threads: the
+        client's CKKS work is short, the waits on the server overlap). Results keep the input order."""
+        texts = list(texts)
+        if concurrency <= 1 or len(texts) <= 1:
+            return [self.classify(t, model=model) for t in texts]
+        self._session(model)  # keys and bundle once, before the threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(texts)), thread_name_prefix="cipherbert") as ex:
+            return list(ex.map(lambda t: self.classify(t, model=model), texts))
 
 
 def _embedder(mod, bundle: dict, bundle_dir: Path):

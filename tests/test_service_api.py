@@ -231,6 +231,11 @@ def test_sdk_keeps_secret_local(server, tmp_path):
     with Client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
         result = client.classify("what a terrible waste of time")
         again = client.classify_batch(["a fine movie", "bad"])
+        texts = ["a fine movie", "bad", "so so", "the best", "awful"]
+        parallel = client.classify_batch(texts, concurrency=3)
+        sequential = client.classify_batch(texts)
+        assert [r.label for r in parallel] == [r.label for r in sequential]
+        assert np.allclose([r.logits for r in parallel], [r.logits for r in sequential], atol=0.05)
     assert result.label in ("negative", "positive") and result.rounds == 1
     assert abs(sum(result.probabilities) - 1) < 1e-9 and result.upload_bytes > 0 and result.download_bytes > 0
     assert len(again) == 2
