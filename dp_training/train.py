@@ -278,6 +278,28 @@ def record_public_ranges(model: HEFriendlyBert, base_ranges: dict, texts: list[s
     return merged
 
 
+@torch.no_grad()
+def held_out_range_check(model: HEFriendlyBert, data: Encoded) -> dict:
+    """Polynomial input ranges on the held-out split (only compared with the published ranges, not published)."""
+    from he_models.model import RangeRecorder
+
+    probe = copy.deepcopy(model).eval()
+    for m in probe.modules():
+        if isinstance(m, RangeRecorder):
+            m.lo.fill_(float("inf"))
+            m.hi.fill_(float("-inf"))
+    set_recorders_training(probe, True)
+    for start in range(0, len(data), 256):
+        probe(*trim(data.ids[start:start + 256], data.mask[start:start + 256]))
+    return probe.recorded_ranges()
+
+
+def _within(held_out: list[float], published: list[float] | None) -> bool | None:
+    if published is None:
+        return None
+    return bool(published[0] <= held_out[0] and held_out[1] <= published[1])
+
+
 def write_model_dir(model: HEFriendlyBert, base: Path, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -464,6 +486,7 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
     mia = membership_audit(train_loss, train_logits, enc["train"].labels.numpy(),
                            out_loss, out_logits, out_enc.labels.numpy(), seed=cfg.seed)
 
+    range_check = held_out_range_check(final, enc["test"])
     range_texts = ([ex.text for ex in load_examples(cfg.range_data)] if cfg.range_data
                    else [ex.text for ex in load_sst2_dev()])
     ranges = record_public_ranges(final, base_ranges, range_texts, tok, data_info["max_length"])
@@ -503,7 +526,8 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
                           "client from the published bundle; AffineNorm running statistics are fixed "
                           "(eval-mode normalisation) so each sample's output depends only on itself"),
         "ranges": {"source": "public text: " + (cfg.range_data or "SST-2 dev (data/sst2-dev.tsv)")
-                   + ", unioned with the base model's ranges", "values": ranges},
+                   + ", unioned with the base model's ranges", "values": ranges,
+                   "held_out_within": {k: _within(v, ranges.get(k)) for k, v in range_check.items()}},
         "copied_from_base": copied,
         "history": history,
         "seed": cfg.seed,
