@@ -7,6 +7,7 @@ half the size of ordinary ones). Depends on tenseal and numpy only.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import tempfile
@@ -99,15 +100,29 @@ class CKKSParams:
 # in shared memory keeps that cheap (about 2 ms for a ciphertext).
 
 _tls = threading.local()
+_scratch_files: set[tuple[int, str]] = set()
+
+
+def _remove_scratch_files() -> None:
+    for pid, path in list(_scratch_files):
+        if pid == os.getpid():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+atexit.register(_remove_scratch_files)
 
 
 def _scratch_path() -> str:
     path = getattr(_tls, "path", None)
-    if path is None:
+    if path is None or getattr(_tls, "pid", None) != os.getpid():  # a forked child gets its own file
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         fd, path = tempfile.mkstemp(prefix="cipherbert-", suffix=".seal", dir=base)
         os.close(fd)
-        _tls.path = path
+        _tls.path, _tls.pid = path, os.getpid()
+        _scratch_files.add((os.getpid(), path))
     return path
 
 
