@@ -252,11 +252,18 @@ class Service:
         limit, window = self.settings.rate_limit
         if limit <= 0:
             return
-        count, reset_in = await self.db(self.store.hit, f"{tenant}", window)
-        if count > limit:
-            self.metrics.errors.labels("rate_limited").inc()
+        current, previous, now = await self.db(self.store.hit, f"{tenant}", window)
+        # Sliding-window estimate: the previous window weighs by how much of it still overlaps the
+        # last `window` seconds, so a burst across a window boundary is not counted twice as allowed.
+        frac = (now % window) / window
+        estimate = previous * (1.0 - frac) + current
+        if estimate > limit:
+            if current > limit or previous <= 0:
+                retry = window - (now % window)
+            else:  # until the previous window's weight has decayed enough
+                retry = min(window - (now % window), (estimate - limit) / previous * window)
             raise ApiError(429, "rate_limited", f"tenant rate limit of {limit} requests per {window}s reached "
-                           f"({what})", {"Retry-After": str(max(1, int(reset_in + 0.999)))})
+                           f"({what})", {"Retry-After": str(max(1, int(retry + 0.999)))})
 
     def model(self, model_id: str) -> dict:
         if not self.ready:

@@ -69,7 +69,11 @@ class Store:
     def peek_state(self, inference_id: str) -> InferenceRecord | None: ...
     def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None: ...
     def delete_state(self, inference_id: str) -> bool: ...
-    def hit(self, bucket: str, window_s: int) -> tuple[int, float]: ...
+    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
+        """Count one request in the current fixed window; return (this window's count, the previous
+        window's count, now). The caller weighs them into a sliding-window estimate."""
+        ...
+
     def ping(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -193,14 +197,15 @@ class SQLiteStore(Store):
         return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id",
                                (inference_id,)))
 
-    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
+    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
         now = time.time()
-        window_end = (int(now // window_s) + 1) * window_s
-        name = f"{bucket}:{int(now // window_s)}"
+        window = int(now // window_s)
+        expires = (window + 2) * window_s  # kept one extra window: it is the next one's "previous"
         rows = self._exec(
             "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 "
-            "RETURNING count", (name, window_end))
-        return int(rows[0][0]), window_end - now
+            "RETURNING count", (f"{bucket}:{window}", expires))
+        prev = self._exec("SELECT count FROM counters WHERE bucket = ?", (f"{bucket}:{window - 1}",))
+        return int(rows[0][0]), int(prev[0][0]) if prev else 0, now
 
     def ping(self) -> bool:
         self._exec("SELECT 1")
@@ -307,15 +312,16 @@ class RedisStore(Store):
     def delete_state(self, inference_id: str) -> bool:
         return bool(self._call(self.r.delete, f"{self.prefix}inf:{inference_id}"))
 
-    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
+    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
         now = time.time()
         window = int(now // window_s)
         key = f"{self.prefix}rl:{bucket}:{window}"
         pipe = self.r.pipeline(transaction=True)
         pipe.incr(key)
-        pipe.expire(key, window_s + 1)
-        count, _ = self._call(pipe.execute)
-        return int(count), (window + 1) * window_s - now
+        pipe.expire(key, 2 * window_s + 1)
+        pipe.get(f"{self.prefix}rl:{bucket}:{window - 1}")
+        count, _, prev = self._call(pipe.execute)
+        return int(count), int(prev or 0), now
 
     def ping(self) -> bool:
         return bool(self._call(self.r.ping))

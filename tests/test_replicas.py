@@ -27,9 +27,11 @@ def topology(tmp_path_factory):
     try:
         redis = start_redis(tmp)
         procs.append(redis)
-        env = {"CIPHERBERT_REDIS_URL": redis.url, "CIPHERBERT_SECRET": "shared-secret-" + "x" * 20}
+        env = {"CIPHERBERT_REDIS_URL": redis.url, "CIPHERBERT_SECRET": "shared-secret-" + "x" * 20,
+               "CIPHERBERT_RATE_LIMIT": "30/60"}
         for name in ("replica-a", "replica-b"):
-            procs.append(start_server(tmp, api_keys=f"acme:{KEY},evil:evil-key-0001", models_dir=models,
+            procs.append(start_server(tmp, api_keys=f"acme:{KEY},evil:evil-key-0001,limited:limited-key-01",
+                                      models_dir=models,
                                       engine="service.toyengine:ToyEngine", workers=1, replica_id=name, env=env))
         nginx = None
         if have("nginx"):
@@ -73,6 +75,15 @@ def test_replay_on_the_other_replica_is_refused(topology):
     assert first.status_code == 200 and first.headers["X-Cipherbert-Replica"] == "replica-a"
     again = httpx.post(b.url + path, content=reply, headers=th)
     assert again.status_code == 409 and again.json()["error"] == "inference_finished"
+
+
+def test_rate_limit_is_shared_by_replicas(topology):
+    a, b = topology["a"], topology["b"]
+    h = {"Authorization": "Bearer limited-key-01"}
+    codes = [httpx.post(f"{(a, b)[i % 2].url}/v1/keys", params={"model": "toy"}, content=b"", headers=h).status_code
+             for i in range(32)]
+    # 15 + 15 counted in one Redis window (one more may pass if a window boundary falls in between)
+    assert 429 in codes and 30 <= codes.index(429) <= 31 and set(codes[:codes.index(429)]) == {400}
 
 
 @pytest.mark.skipif(not have("nginx"), reason="nginx not installed (make system-deps)")

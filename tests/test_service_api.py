@@ -210,8 +210,9 @@ def test_expired_key_is_refused(server, registered):
 
 def test_rate_limit_answers_429_with_retry_after(server):
     codes = [httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=b"",
-                        headers=h(LIMITED)).status_code for _ in range(41)]
-    assert codes[:40] == [400] * 40 and codes[40] == 429
+                        headers=h(LIMITED)).status_code for _ in range(42)]
+    # 40 allowed per 60 s; the sliding estimate may let one more through if a window boundary passes
+    assert 429 in codes and 40 <= codes.index(429) <= 41 and set(codes[:codes.index(429)]) == {400}
     r = httpx.post(f"{server.url}/v1/keys", params={"model": "toy"}, content=b"", headers=h(LIMITED))
     assert_error(r, 429, "rate_limited")
     assert int(r.headers["Retry-After"]) >= 1

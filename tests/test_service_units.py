@@ -79,6 +79,10 @@ def _exercise_store(store):
     assert store.peek_state("i_2").done and store.take_state("i_2", 2, "d2") is None
     counts = [store.hit("acme", 60)[0] for _ in range(3)]
     assert counts[-1] - counts[0] == 2
+    # the previous window's count is reported for the sliding estimate
+    cur, prev, now = store.hit("fast", 1)
+    time.sleep(1.05 - (now % 1))
+    assert store.hit("fast", 1)[1] == cur
 
 
 def test_sqlite_store(tmp_path):
