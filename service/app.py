@@ -258,6 +258,7 @@ class Service:
         frac = (now % window) / window
         estimate = previous * (1.0 - frac) + current
         if estimate > limit:
+            await self.db(self.store.unhit, f"{tenant}", window, now)  # a refusal uses no allowance
             if current > limit or previous <= 0:
                 retry = window - (now % window)
             else:  # until the previous window's weight has decayed enough

@@ -74,6 +74,10 @@ class Store:
         window's count, now). The caller weighs them into a sliding-window estimate."""
         ...
 
+    def unhit(self, bucket: str, window_s: int, now: float) -> None:
+        """Take back a counted request that was refused (refusals do not use up the allowance)."""
+        ...
+
     def ping(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -207,6 +211,10 @@ class SQLiteStore(Store):
         prev = self._exec("SELECT count FROM counters WHERE bucket = ?", (f"{bucket}:{window - 1}",))
         return int(rows[0][0]), int(prev[0][0]) if prev else 0, now
 
+    def unhit(self, bucket: str, window_s: int, now: float) -> None:
+        self._exec("UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
+                   (f"{bucket}:{int(now // window_s)}",))
+
     def ping(self) -> bool:
         self._exec("SELECT 1")
         return True
@@ -322,6 +330,9 @@ class RedisStore(Store):
         pipe.get(f"{self.prefix}rl:{bucket}:{window - 1}")
         count, _, prev = self._call(pipe.execute)
         return int(count), int(prev or 0), now
+
+    def unhit(self, bucket: str, window_s: int, now: float) -> None:
+        self._call(self.r.decr, f"{self.prefix}rl:{bucket}:{int(now // window_s)}")
 
     def ping(self) -> bool:
         return bool(self._call(self.r.ping))
