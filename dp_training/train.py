@@ -524,7 +524,8 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
         **trainable_summary(twin),
         "frozen_reason": ("embedding block (word/position tables, embedding LayerNorm) is computed by the "
                           "client from the published bundle; AffineNorm running statistics are fixed "
-                          "(eval-mode normalisation) so each sample's output depends only on itself"),
+                          "(eval-mode normalisation) so each sample's output depends only on itself"
+                          + SCOPE_NOTES[cfg.train_scope]),
         "ranges": {"source": "public text: " + (cfg.range_data or "SST-2 dev (data/sst2-dev.tsv)")
                    + ", unioned with the base model's ranges", "values": ranges,
                    "held_out_within": {k: _within(v, ranges.get(k)) for k, v in range_check.items()}},
@@ -538,6 +539,13 @@ def finetune(cfg: FinetuneConfig, prepared=None) -> dict:
 
 
 TRAIN_SCOPES = ("all", "bitfit", "top", "head")
+SCOPE_NOTES = {
+    "all": "",
+    "bitfit": "; scope 'bitfit': the encoder's weight matrices are frozen too (only biases, norm scales/shifts, "
+              "log_z and the head are trained: less noise in total)",
+    "top": "; scope 'top': all but the last encoder layer and the head are frozen too",
+    "head": "; scope 'head': only the classifier head is trained",
+}
 # Adam learning rates that trained stably on SMS spam from he-bert-tiny-rt (docs/dp.md): the quadratic
 # activations make full fine-tuning fragile at high rates; bias/norm/head parameters tolerate large ones.
 DEFAULT_LR = {"all": 2e-3, "bitfit": 5e-2, "top": 2e-3, "head": 2e-2}
