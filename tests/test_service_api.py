@@ -3,7 +3,6 @@
 Bad input of every kind must come back as a 4xx with a JSON error body, never a 5xx.
 """
 
-import json
 import sqlite3
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import tenseal as ts
 
 from clients.sdk import Client
-from he_models.wire import pack_frames, unpack_frames
+from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
 from service.testing import start_server
 from service.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model

@@ -4,8 +4,6 @@ Normal run: one short sentence end to end on one server, compared with the plain
 Slow run (`make test-slow`): two replicas sharing redis behind nginx, rounds crossing replicas.
 """
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from service import loadtest
 from service.testing import start_server
