@@ -313,3 +313,23 @@ def test_recompute_epsilon_is_an_independent_accountant():
     report = {"accountant": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 30, "delta": 1e-5}
     assert recompute_epsilon(report) == pytest.approx(acc.get_epsilon(1e-5))
     assert math.isfinite(recompute_epsilon(report))
+
+
+@pytest.mark.slow
+def test_sweep_writes_results_and_plot(tmp_path, tiny_base, sms_rows):
+    from dp_training.sweep import main as sweep_main, markdown_table
+
+    data = write_csv(tmp_path / "sms.csv", sms_rows * 3)  # duplicates stay within one split
+    results, png = tmp_path / "dp.json", tmp_path / "dp.png"
+    rc = sweep_main(["--base", str(tiny_base), "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                     "--max-length", "24", "--work-dir", str(tmp_path / "runs"), "--results", str(results),
+                     "--plot", str(png), "--quiet", "--no-reference"])
+    assert rc == 0 and png.stat().st_size > 0
+    result = json.loads(results.read_text())
+    assert [r["epsilon"] for r in result["runs"]] == [None, 8.0, 3.0, 1.0]
+    for r in result["runs"]:
+        for key in ("accuracy", "spam_f1", "mia_auc", "samples_per_s"):
+            assert isinstance(r[key], float), key
+    assert result["delta"] < 1 / result["data"]["split"]["train"]
+    assert result["machine"]["cores"] >= 1 and "opacus" in result["machine"]
+    assert "| no DP |" in markdown_table(result)
