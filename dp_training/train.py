@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from cipherbert.data import DatasetError, Example, fingerprint, load_examples, load_sst2_dev, stratified_split
+from cipherbert.data import Example, fingerprint, load_examples, load_sst2_dev, stratified_split
 from dp_training.modules import export_state_dict, make_dp_twin, set_recorders_training, trainable_summary
-from he_models.config import HEConfig
 from he_models.model import HEFriendlyBert
 
 REPORT_NAME = "privacy_report.json"
@@ -320,10 +319,7 @@ def _set_threads(threads: int | None) -> None:
 
 def prepare(cfg: FinetuneConfig):
     """Data, splits, tokenizer and the starting model: shared by finetune() and the sweep."""
-    try:
-        examples = load_examples(cfg.data)
-    except DatasetError:
-        raise
+    examples = load_examples(cfg.data)  # DatasetError names the file and line of a bad row
     labels = sorted({ex.label for ex in examples})
     num_labels = labels[-1] + 1
     if len(labels) < 2:
