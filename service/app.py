@@ -234,9 +234,10 @@ class Service:
         self.ready = False
         self.not_ready_reason = "restarting the engine pool"
         self.pool = self._new_pool()
-        if old is not None:
-            _stop_pool(old)
-        self._startup = asyncio.get_running_loop().create_task(self._warm_up())
+        loop = asyncio.get_running_loop()
+        if old is not None:  # off the event loop: joining processes may take seconds
+            loop.run_in_executor(None, _stop_pool, old)
+        self._startup = loop.create_task(self._warm_up())
 
     # store (blocking calls off the event loop) -------------------------------------------------
     async def db(self, fn, *args):
