@@ -153,8 +153,12 @@ class Service:
     async def _warm_up(self) -> None:
         try:
             loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self.pool, worker.ping)
-                                   for _ in range(self.settings.workers)))
+            # Ready only when every engine process has loaded the models: ping until each has answered.
+            pids: set[int] = set()
+            deadline = time.time() + 1800
+            while len(pids) < self.settings.workers and time.time() < deadline:
+                pids |= set(await asyncio.gather(*(loop.run_in_executor(self.pool, worker.ping)
+                                                   for _ in range(self.settings.workers))))
             info = await loop.run_in_executor(self.pool, worker.describe)
             models = {}
             for model_id, desc in info["models"].items():
