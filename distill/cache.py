@@ -56,6 +56,9 @@ class HiddenCache:
         att_off[1:] = torch.cumsum(att_sizes, 0)
         hidden = torch.zeros(int(tok_off[-1]), n_layers, d, dtype=torch.float16)
         att = torch.zeros(int(att_off[-1]), dtype=torch.float16)
+        from distill.batching import ThreadGovernor
+
+        governor = ThreadGovernor(torch.get_num_threads())
         batches = bucketed_batches(lengths, batch_size, seed=0, shuffle=False)
         for b, ids, mask, _ in tqdm(iterate(data, batches), total=len(batches), desc="teacher cache",
                                     disable=not progress, leave=False):
@@ -67,6 +70,8 @@ class HiddenCache:
                 n = lengths[i]
                 hidden[tok_off[i]:tok_off[i + 1]] = hs[j, :n].half()
                 att[att_off[i]:att_off[i + 1]] = at[j, :, :, :n, :n].reshape(-1).half()
+            governor.step()
+        torch.set_num_threads(governor.max_threads)
         return cls(hidden, tok_off, att, att_off, lengths, layer_map, student_heads)
 
     def batch(self, idx: list[int], pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,17 +46,16 @@ DEFAULTS: dict = {
         "lr_stage1": 1e-3,
         "lr_stage2": 5e-4,
         "batch_size": 32,
+        "batch_size_stage2": None,  # default: batch_size
         "temperature": 2.0,
         "alpha": 0.5,              # stage 2: alpha * KD + (1 - alpha) * cross entropy
         "hidden_weight": 1.0,
         "attn_weight": 1.0,
         "layer_map": None,         # student layer i -> teacher layer; default uniform (TinyBERT)
         "augment": 2,              # teacher-labelled augmented copies of each training sentence
-        "augment_stage1": False,   # also run stage 1 over augmented sentences
         "softmax_score_bound": 0.0,  # >0: penalise attention scores outside [-bound, bound]
         "gelu_input_bound": 0.0,     # >0: penalise GELU/quad inputs outside [-bound, bound]
         "range_penalty_weight": 1.0,
-        "eval_every_epoch": True,
     },
     # Extra students trained with the same distillation (same cached teacher outputs).
     "tiny_exact": {"enabled": True},
@@ -65,6 +64,8 @@ DEFAULTS: dict = {
         "enabled": True,
         "stage1_epochs": 2,
         "stage2_epochs": 3,
+        "batch_size": 64,
+        "augment_copies": 1,       # augmented copies used by ablation students (<= distill.augment)
         "variants": {
             "softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
             "gelu_only": {"softmax": "exact", "gelu": "quad", "layernorm": "exact"},
@@ -129,6 +130,10 @@ def validate(cfg: dict) -> dict:
     for key in ("lr_stage1", "lr_stage2"):
         _check_number(cfg, "distill", key, 0, 1)
     _check_number(cfg, "distill", "batch_size", 1, integer=True)
+    if d["batch_size_stage2"] is not None:
+        _check_number(cfg, "distill", "batch_size_stage2", 1, integer=True)
+    for key in ("stage1_epochs", "stage2_epochs", "batch_size", "augment_copies"):
+        _check_number(cfg, "ablation", key, 0 if key != "batch_size" else 1, integer=True)
     _check_number(cfg, "distill", "temperature", 0.1, 100)
     _check_number(cfg, "distill", "alpha", 0, 1)
     if d["layer_map"] is not None and (not isinstance(d["layer_map"], list)

@@ -155,7 +155,7 @@ def student_config(cfg: dict, overrides: dict, tok, num_labels: int, name: str):
 
 def run_student(cfg: dict, name: str, he_cfg, teacher, enc: dict, logits: dict, hidden, device, *,
                 stage1_epochs: int, stage2_epochs: int, pca_init: bool = True, use_aug: bool = True,
-                use_kd: bool = True):
+                use_kd: bool = True, batch_size: int | None = None, aug_copies: int | None = None):
     """Train (or load) one student; returns (model, result dict with accuracies)."""
     from distill.batching import encode as _encode
     from distill.student import StudentRun, accuracy, build_student, predict
@@ -168,14 +168,24 @@ def run_student(cfg: dict, name: str, he_cfg, teacher, enc: dict, logits: dict, 
         model = HEFriendlyBert.from_pretrained(sdir / "model")
         log(f"{name}: already trained (dev {result['dev_accuracy']:.4f})")
         return model.to(device), result
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "LOCK").write_text(str(os.getpid()))
     model = build_student(he_cfg, teacher, pca_init=pca_init, seed=cfg["seed"])
+    dcfg = dict(cfg["distill"])
+    if batch_size:
+        dcfg["batch_size"] = dcfg["batch_size_stage2"] = batch_size
     run = StudentRun(name, model, sdir, device, seed=cfg["seed"], progress=cfg["progress"], log=log)
     aug = aug_logits = None
     if use_aug and logits.get("aug_texts"):
-        aug = _encode(_tok_cache["tok"], logits["aug_texts"], [-1] * len(logits["aug_texts"]), cfg["data"]["max_len"])
-        aug_logits = logits["aug"]
+        texts, a_logits = logits["aug_texts"], logits["aug"]
+        if aug_copies is not None and logits.get("augment"):
+            # the augmented list is ordered copy by copy: keep the first `aug_copies` copies' worth
+            keep = min(len(texts), round(len(texts) * aug_copies / logits["augment"]))
+            texts, a_logits = texts[:keep], a_logits[:keep]
+        aug = _encode(_tok_cache["tok"], texts, [-1] * len(texts), cfg["data"]["max_len"])
+        aug_logits = a_logits
     res = run.train(train=enc["train"], train_logits=logits["train"], aug=aug, aug_logits=aug_logits,
-                    hidden_cache=hidden, dev=enc.get("dev"), dcfg=cfg["distill"], stage1_epochs=stage1_epochs,
+                    hidden_cache=hidden, dev=enc.get("dev"), dcfg=dcfg, stage1_epochs=stage1_epochs,
                     stage2_epochs=stage2_epochs, use_kd=use_kd)
     model = run.model
     from distill.student import record_ranges
@@ -190,6 +200,7 @@ def run_student(cfg: dict, name: str, he_cfg, teacher, enc: dict, logits: dict, 
     result["ranges"] = model.recorded_ranges()
     model.save_pretrained(sdir / "model")
     done.write_text(json.dumps(result, indent=2) + "\n")
+    (sdir / "LOCK").unlink(missing_ok=True)
     log(f"{name}: dev {result.get('dev_accuracy', float('nan')):.4f} test {result.get('test_accuracy', float('nan')):.4f}"
         f" sst2 {result.get('sst2_dev_accuracy', float('nan')):.4f} ({res['seconds']:.0f}s)")
     return model, result
@@ -244,9 +255,16 @@ def run(cfg: dict) -> dict:
     dcfg = cfg["distill"]
     hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device) if dcfg["stage1_epochs"] > 0 else None
     results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results: dict = {}
+
+    def load_results() -> dict:
+        results.clear()
+        if results_path.exists():
+            results.update(json.loads(results_path.read_text()))
+        return results
 
     def metrics_now() -> dict:
+        load_results()
         he = results.get("he_friendly", {})
         ex = results.get("tiny_exact", {})
         return {
@@ -267,22 +285,53 @@ def run(cfg: dict) -> dict:
             "train_seconds": {"teacher_finetune": round(tinfo.get("seconds", 0.0), 1),
                               "he_friendly": round(he.get("seconds", 0.0), 1),
                               "tiny_exact": round(ex.get("seconds", 0.0), 1),
-                              "pipeline_wall": round(time.time() - t_start + results.get("_prior_wall", 0.0), 1)},
+                              "all_students": round(sum(v.get("seconds", 0.0) for v in results.values()
+                                                        if isinstance(v, dict)), 1),
+                              "this_process_wall": round(time.time() - t_start, 1)},
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
             "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
             "ablation": {k: v for k, v in results.items() if k.startswith(("ablation:", "help:"))},
         }
 
-    def save_results() -> None:
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    def put_result(key: str, value: dict) -> None:
+        """Read-modify-write of results.json (another worker may have added results meanwhile)."""
+        load_results()
+        results[key] = value
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, results_path)
 
+    def write_metrics() -> None:
+        if (Path(cfg["output_dir"]) / "model.safetensors").exists() and "he_friendly" in load_results():
+            path = Path(cfg["output_dir"]) / "metrics.json"
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(metrics_now(), indent=2) + "\n")
+            os.replace(tmp, path)
+
+    ablation_only = cfg.get("_ablation_only", False)
     # 1. the shipped HE-friendly student (shipped as soon as it exists)
+    if ablation_only:
+        pass
+    else:
+        _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
+                       write_metrics, metrics_now)
+    _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_result, write_metrics)
+    metrics = metrics_now()
+    if not ablation_only:
+        write_metrics()
+    log(f"done in {time.time() - t_start:.0f}s: teacher {metrics['teacher_accuracy']}, "
+        f"tiny_exact {metrics['tiny_exact_accuracy']}, he_friendly {metrics['he_friendly_accuracy']}")
+    return metrics
+
+
+def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
+                   write_metrics, metrics_now) -> None:
+    dcfg = cfg["distill"]
     model, res = run_student(cfg, "he_friendly", he_cfg, teacher, enc, logits, hidden, device,
                              stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
                              pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
     res["params"] = sum(p.numel() for p in model.parameters())
-    results["he_friendly"] = res
-    save_results()
+    put_result("he_friendly", res)
     teacher_dir = Path(cfg["teacher"]["path"] or "") if cfg["teacher"]["path"] else None
     from distill.teacher import default_teacher_path
 
@@ -296,10 +345,14 @@ def run(cfg: dict) -> dict:
         _, res = run_student(cfg, "tiny_exact", ex_cfg, teacher, enc, logits, hidden, device,
                              stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
                              pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
-        results["tiny_exact"] = res
-        save_results()
-        (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics_now(), indent=2) + "\n")
-    # 3. ablation: each approximation alone, and each help switched off (cheaper schedule)
+        put_result("tiny_exact", res)
+        write_metrics()
+
+
+def _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_result, write_metrics) -> None:
+    """Each approximation alone, and each help switched off (cheaper schedule). Several workers may run
+    this at once (`--ablation-only` in a second process): a student being trained elsewhere is skipped."""
+    dcfg = cfg["distill"]
     ab = cfg["ablation"]
     if ab["enabled"]:
         s1, s2 = ab["stage1_epochs"], ab["stage2_epochs"]
@@ -309,22 +362,36 @@ def run(cfg: dict) -> dict:
         jobs += [(f"help:{h}", {}, {h: True}) for h in ab["helps"]]
         for key, over, flags in jobs:
             name = key.replace(":", "_")
+            if _locked_elsewhere(Path(cfg["work_dir"]) / "students" / name):
+                log(f"{name}: being trained by another worker; skipped here")
+                continue
             a_cfg = student_config(cfg, over, tok, num_labels, name)
             _, res = run_student(
                 cfg, name, a_cfg, teacher, enc, logits, hidden, device,
-                stage1_epochs=0 if flags.get("no_stage1") else s1, stage2_epochs=s2,
+                stage1_epochs=0 if flags.get("no_stage1") or flags.get("no_kd") else s1, stage2_epochs=s2,
                 pca_init=dcfg["pca_init"] and not flags.get("no_pca_init"),
-                use_aug=dcfg["augment"] > 0 and not flags.get("no_augment"), use_kd=not flags.get("no_kd"))
+                use_aug=dcfg["augment"] > 0 and not flags.get("no_augment") and not flags.get("no_kd"),
+                use_kd=not flags.get("no_kd"), batch_size=ab["batch_size"], aug_copies=ab["augment_copies"])
             res.pop("history", None)
-            res["schedule"] = {"stage1_epochs": 0 if flags.get("no_stage1") else s1, "stage2_epochs": s2}
-            results[key] = res
-            save_results()
-            (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics_now(), indent=2) + "\n")
-    metrics = metrics_now()
-    (Path(cfg["output_dir"]) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"done in {time.time() - t_start:.0f}s: teacher {metrics['teacher_accuracy']}, "
-        f"tiny_exact {metrics['tiny_exact_accuracy']}, he_friendly {metrics['he_friendly_accuracy']}")
-    return metrics
+            res["schedule"] = {"stage1_epochs": 0 if flags.get("no_stage1") or flags.get("no_kd") else s1,
+                               "stage2_epochs": s2, "batch_size": ab["batch_size"]}
+            put_result(key, res)
+            write_metrics()
+
+
+def _locked_elsewhere(sdir: Path) -> bool:
+    """True when another live process holds sdir/LOCK (and the student is not done)."""
+    lock = sdir / "LOCK"
+    if (sdir / "DONE.json").exists() or not lock.exists():
+        return False
+    try:
+        pid = int(lock.read_text().strip())
+        if pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+        return True
+    except (ValueError, ProcessLookupError, PermissionError):
+        return False
 
 
 def _fingerprint(parts: dict) -> str:

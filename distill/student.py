@@ -28,14 +28,14 @@ from he_models.model import HEFriendlyBert
 
 def pca_embeddings(teacher, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Project the teacher's word and position tables onto the top `hidden` principal components of the
-    word table (one basis for both, so word + position stays additive); scaled to std 0.02-ish per entry
-    is unnecessary because the client-side LayerNorm follows."""
-    emb = teacher.encoder.get_input_embeddings().weight.detach().float()
+    word table (one basis for both, so word + position stays additive). The overall scale hardly
+    matters because the client-side embedding LayerNorm follows; build_student rescales anyway."""
+    emb = teacher.encoder.get_input_embeddings().weight.detach().float().cpu()
     base = teacher.encoder
     pos = None
     for name, module in base.named_modules():
         if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
-            pos = module.weight.detach().float()
+            pos = module.weight.detach().float().cpu()
             break
     mean = emb.mean(0, keepdim=True)
     # torch.pca_lowrank is randomized; a full SVD of the 384x384 covariance is exact and cheap.
@@ -285,6 +285,7 @@ class StudentRun:
             t_logits = torch.cat([train_logits] + ([aug_logits] if aug is not None else []))
             labels = torch.tensor(list(train.labels) + [-1] * (len(aug) if aug is not None else 0))
             lengths = [len(x) for x in ids_all]
+            bs = dcfg.get("batch_size_stage2") or dcfg["batch_size"]
             steps_per_epoch = math.ceil((len(ids_all) if use_kd else len(train)) / bs)
             total = steps_per_epoch * stage2_epochs
             opt = Optimizers(self.model, [], lr=dcfg["lr_stage2"])
@@ -346,4 +347,5 @@ class StudentRun:
                 self.model.load_state_dict(best_state)
         elif (self.dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False))
+        torch.set_num_threads(self.threads)
         return {"history": self.history, "seconds": self.seconds}

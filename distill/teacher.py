@@ -149,14 +149,17 @@ def predict_logits(teacher: Teacher, data, batch_size: int, device: torch.device
     """Logits for every example of an Encoded dataset, in order."""
     from tqdm.auto import tqdm
 
-    from distill.batching import bucketed_batches, iterate
+    from distill.batching import ThreadGovernor, bucketed_batches, iterate
 
     teacher.eval()
+    governor = ThreadGovernor(torch.get_num_threads())
     out = torch.zeros(len(data), teacher.num_labels)
     batches = bucketed_batches([len(x) for x in data.ids], batch_size, seed=0, shuffle=False)
     for b, ids, mask, _ in tqdm(iterate(data, batches), total=len(batches), desc=desc, disable=not progress,
                                 leave=False):
         out[b] = teacher(ids.to(device), mask.to(device))["logits"].float().cpu()
+        governor.step()
+    torch.set_num_threads(governor.max_threads)
     return out
 
 
