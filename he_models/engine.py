@@ -581,7 +581,7 @@ class EncryptedEngine:
         h, k, i, d = self._head_grid(geo)
         f = h * geo.head_dim + d
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
+        out = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
         inp = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
         return out, inp, np.broadcast_to(w_rk[k, f], shape)
 
@@ -590,8 +590,8 @@ class EncryptedEngine:
         h, k, i, d = self._head_grid(geo)
         f = h * geo.head_dim + d
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
-        inp = np.broadcast_to((h * geo.n_p + k) * geo.block + d, shape)
+        out = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
+        inp = np.broadcast_to((h * geo.n + k) * geo.block + d, shape)
         return out, inp, np.broadcast_to(w_rq[i, f], shape)
 
     def _c3_triplets(self, geo, rv):
@@ -600,7 +600,7 @@ class EncryptedEngine:
         f = h * geo.head_dim + e
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
         out = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
-        inp = np.broadcast_to((h * geo.n_p + k) * geo.block + i, shape)
+        inp = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
         return out, inp, np.broadcast_to(rv[k, f], shape)
 
     def _c4_triplets(self, geo, ra):

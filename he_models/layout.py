@@ -7,11 +7,11 @@ ciphertext g // slots at slot g % slots:
   Tokens go in chunks of 32: chunk c holds tokens 32c..32c+31 of every feature in ceil(32 F / slots)
   ciphertexts of its own, so one set of weight kernels (encoded once, for 32 tokens) serves every
   sentence length, chunk by chunk.
-- score          SL: (head h, key k, query i)  -> (h * n_p + k) * B + i
-- token-major    TM: (head h, token k, feat d) -> (h * n_p + k) * B + d
+- score          SL: (head h, key k, query i)  -> (h * n + k) * B + i
+- token-major    TM: (head h, token k, feat d) -> (h * n + k) * B + d
 
-n_p is the attention block (32, 64 or 128: the smallest power of two holding the sentence) and
-B = max(n_p, head_dim), so SL and TM share their block structure and a within-block kernel maps one
+n is the number of tokens, n_p the smallest of 32/64/128 holding them, and B = max(n_p, head_dim), so SL
+and TM share their block structure (one block per head and key) and a within-block kernel maps one
 onto the other. Slots of padded tokens hold zeros.
 """
 
@@ -77,7 +77,7 @@ class Geometry:
 
     @property
     def sl_cts(self) -> int:
-        return self.cts(self.heads * self.n_p * self.block)
+        return self.cts(self.heads * self.n * self.block)
 
     # -- index maps ---------------------------------------------------------------------------
     def fm_slot(self, t: np.ndarray, f: np.ndarray, features: int) -> np.ndarray:
@@ -93,16 +93,16 @@ class Geometry:
     def sl_index(self) -> np.ndarray:
         """[h, k, i] -> global slot."""
         h = np.arange(self.heads)[:, None, None]
-        k = np.arange(self.n_p)[None, :, None]
-        i = np.arange(self.n_p)[None, None, :]
-        return (h * self.n_p + k) * self.block + i
+        k = np.arange(self.n)[None, :, None]
+        i = np.arange(self.n)[None, None, :]
+        return (h * self.n + k) * self.block + i
 
     def tm_index(self) -> np.ndarray:
         """[h, k, d] -> global slot."""
         h = np.arange(self.heads)[:, None, None]
-        k = np.arange(self.n_p)[None, :, None]
+        k = np.arange(self.n)[None, :, None]
         d = np.arange(self.head_dim)[None, None, :]
-        return (h * self.n_p + k) * self.block + d
+        return (h * self.n + k) * self.block + d
 
     # -- packing ------------------------------------------------------------------------------
     def _scatter(self, index: np.ndarray, values: np.ndarray, n_cts: int) -> list[np.ndarray]:
@@ -129,17 +129,14 @@ class Geometry:
 
     def pack_sl(self, s: np.ndarray) -> list[np.ndarray]:
         """(heads, n, n) indexed [h, k, i] -> slot vectors."""
-        padded = np.zeros((self.heads, self.n_p, self.n_p))
-        padded[:, : self.n, : self.n] = s[:, : self.n, : self.n]
-        return self._scatter(self.sl_index(), padded, self.sl_cts)
+        return self._scatter(self.sl_index(), s[:, : self.n, : self.n], self.sl_cts)
 
     def unpack_sl(self, vectors: list[np.ndarray]) -> np.ndarray:
-        return self._gather(self.sl_index(), vectors)[:, : self.n, : self.n]
+        return self._gather(self.sl_index(), vectors)
 
     def pack_tm(self, x: np.ndarray) -> list[np.ndarray]:
         """(n, hidden) -> token-major per head."""
-        per_head = np.zeros((self.heads, self.n_p, self.head_dim))
-        per_head[:, : self.n] = x.reshape(self.n, self.heads, self.head_dim).transpose(1, 0, 2)
+        per_head = x.reshape(self.n, self.heads, self.head_dim).transpose(1, 0, 2)
         return self._scatter(self.tm_index(), per_head, self.sl_cts)
 
     # -- validity masks (1 on slots that hold real data) ---------------------------------------

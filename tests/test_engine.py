@@ -242,7 +242,7 @@ def test_single_token_and_full_block(engine, client, random_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [33, 64, 100, 128])
+@pytest.mark.parametrize("n", [33, 64, 70, 100, 128])
 def test_multi_ciphertext_lengths(engine, client, random_model_dir, n):
     """Sentences beyond 32 tokens span several ciphertexts per tensor."""
     keys, ctx = client
