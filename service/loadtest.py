@@ -90,7 +90,8 @@ def client_main(index: int, urls: list[str], api_key: str, model: str, cache_dir
             r = client.classify(ref["text"])
             logits = np.array(r.logits)
             own = float(np.abs(logits - np.array(ref["logits"])).max())
-            rec.update(ok=True, latency_s=r.latency_s, rounds=r.rounds, upload_bytes=r.upload_bytes,
+            rec.update(ok=True, latency_s=r.latency_s, rounds=r.rounds, upload_bytes=r.upload_bytes, logits=r.logits,
+                       expected=ref["logits"], n_tokens=r.n_tokens, inference_id=r.inference_id,
                        download_bytes=r.download_bytes, label_ok=(r.label == labels[ref["label"]]),
                        abs_err=own, replicas=sorted(set(r.replicas)))
             if own > TOL:
@@ -166,6 +167,8 @@ def run(args) -> dict:
         p.join(30)
     manager.shutdown()
 
+    if getattr(args, "records", None):
+        Path(args.records).write_text(json.dumps(records, indent=1))
     done = [r for r in records if r["ok"]]
     lat = [r["latency_s"] for r in done]
     elapsed = max(t_end - t_start, 1e-9)
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "load.json"))
+    p.add_argument("--records", default=None, help="also write every inference's record (JSON) here")
     p.add_argument("--local-replicas", type=int, default=0, help="start redis + N replicas + nginx here first")
     p.add_argument("--workers", type=int, default=1, help="engine workers per local replica")
     args = p.parse_args(argv)
