@@ -157,7 +157,10 @@ def cmd_keys(args) -> int:
         elif args.keys_command == "list":
             import datetime as dt
 
-            for k in client.list_keys():
+            keys = client.list_keys()
+            if not keys:
+                print("no keys registered for this API key's tenant", file=sys.stderr)
+            for k in keys:
                 exp = dt.datetime.fromtimestamp(k["expires_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 print(f"{k['key_id']}\t{k['model_id']}\t{k['size'] / 1e6:.1f} MB\texpires {exp}")
         else:
