@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--physical-batch-size", type=int, default=64)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="learning rate of the DP runs (default per scope)")
-    p.add_argument("--lr-nodp", type=float, default=None, help="learning rate of the non-DP run (default: --lr)")
+    p.add_argument("--lr-nodp", type=float, nargs="+", default=None,
+                   help="learning rate(s) of the non-DP baseline; with several, the one with the best dev spam F1 "
+                        "is the baseline (default: the DP runs' rate and 2x and 5x lower)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-scope", choices=("all", "bitfit", "top", "head"), default="bitfit",
@@ -188,14 +190,31 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     runs, reports = [], {}
     # the non-DP baseline first, then decreasing epsilon
+    from dp_training.train import DEFAULT_LR
+
+    dp_lr = args.lr if args.lr is not None else DEFAULT_LR[args.train_scope]
+    nodp_scope = args.train_scope_nodp or args.train_scope
+    nodp_lrs = args.lr_nodp or ([dp_lr, dp_lr / 2, dp_lr / 5] if nodp_scope == args.train_scope
+                                else [DEFAULT_LR[nodp_scope]])
+    nodp_search = []
     for eps in [None, *sorted(args.epsilons, reverse=True)]:
         name = "nodp" if eps is None else f"eps{eps:g}"
-        cfg = replace(common, epsilon=eps, out=str(work / name),
-                      lr=args.lr if eps is not None or args.lr_nodp is None else args.lr_nodp,
-                      train_scope=args.train_scope if eps is not None else (args.train_scope_nodp or args.train_scope))
         t0 = time.perf_counter()
         print(f"[sweep] {name}: training", file=sys.stderr, flush=True)
-        report = finetune(cfg, prepared=prepared)
+        if eps is None:  # the baseline gets its own learning rate, picked on the dev split
+            best = None
+            for lr in nodp_lrs:
+                cfg_i = replace(common, epsilon=None, out=str(work / f"nodp-lr{lr:g}"), lr=lr, train_scope=nodp_scope)
+                rep = finetune(cfg_i, prepared=prepared)
+                dev_f1 = rep["history"][-1]["dev"]["f1_label_1"]
+                nodp_search.append({"lr": lr, "dev_spam_f1": dev_f1, "test_spam_f1": rep["utility"]["f1_label_1"],
+                                    "model_dir": cfg_i.out})
+                if best is None or dev_f1 > best[0]:
+                    best = (dev_f1, cfg_i, rep)
+            _, cfg, report = best
+        else:
+            cfg = replace(common, epsilon=eps, out=str(work / name), lr=dp_lr, train_scope=args.train_scope)
+            report = finetune(cfg, prepared=prepared)
         reports[name] = report
         mia = report["membership_inference_auc"]
         runs.append({
@@ -266,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "accountant": args.accountant,
         "targets": targets,
         "references": references,
+        "nodp_lr_search": {"rule": "non-DP baseline = the learning rate with the best dev spam F1",
+                           "candidates": nodp_search},
         "throughput_interleaved": {
             "what": "DP and non-DP steps alternated on the same length-sorted batches (6 logical batches x 2 "
                     "rounds), so machine load hits both alike; runs[].samples_per_s are the training loops' "
