@@ -16,7 +16,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, CKKSParams, encode_vector, load_ciphertext, load_into, pack_eval_keys, save_bytes
-from he_models.layout import Geometry, client_context, client_scores
+from he_models.layout import PROTOCOL, Geometry, client_context, client_scores
 from he_models.wire import pack_frames, unpack_frames
 
 EMBEDDING_TENSORS = ("embeddings.word.weight", "embeddings.position.weight",
@@ -114,6 +114,7 @@ def answer_round(keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes])
     refresh: x + r                 -> x + r re-encrypted at the top level, padded slots zeroed
     The client only ever sees masked values.
     """
+    check_protocol(meta)
     geo = Geometry.from_dict(meta["geometry"])
     values = keys.decrypt(payloads)
     hidden = geo.hidden
@@ -138,7 +139,16 @@ def answer_round(keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes])
     raise ClientError(f"unknown round kind {kind!r}")
 
 
+def check_protocol(meta: dict) -> None:
+    """Client and server must pack alike; a mismatch would decrypt to garbage, so say it instead."""
+    theirs = meta.get("protocol")
+    if theirs != PROTOCOL:
+        raise ClientError(f"server speaks protocol {theirs!r}; this client speaks {PROTOCOL!r} — upgrade "
+                          f"the client (or the server)")
+
+
 def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.ndarray:
+    check_protocol(meta)
     values = keys.decrypt(payloads)
     return np.array([v[0] for v in values])
 

@@ -32,7 +32,7 @@ import tenseal.sealapi as seal
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
 from he_models.kernels import (Backend, EncodedMap, apply_map, build_map, build_map_fewest_rotations,
                                encode_map, plan_map_fewest_rotations, subset_map)
-from he_models.layout import CHUNK, Geometry, LayoutError
+from he_models.layout import CHUNK, PROTOCOL, Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
 from he_models.wire import WireError, pack_frames, unpack_frames
 
@@ -216,6 +216,7 @@ class EncryptedEngine:
         return {
             "model_id": self.model_id,
             "model_hash": self.model_hash,
+            "protocol": PROTOCOL,
             "ckks": self.plan.params.to_dict(),
             "galois_steps": self.plan.galois_steps,
             "hidden_size": cfg.hidden_size,
@@ -252,10 +253,13 @@ class EncryptedEngine:
         from he_models.client import EMBEDDING_TENSORS
 
         assert self.model_dir is not None
-        cache = self.model_dir / ".cache"
+        # Outside the model directory, which may be read-only (a container image) or a git checkout.
+        root = os.environ.get("CIPHERBERT_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cipherbert")
+        cache = Path(root) / "bundles"
         target = cache / f"embeddings-{self.model_hash[:16]}.safetensors"
         if not target.exists():
-            cache.mkdir(exist_ok=True)
+            cache.mkdir(parents=True, exist_ok=True)
             state = load_file(str(self.model_dir / "model.safetensors"))
             tmp = target.with_suffix(f".tmp{os.getpid()}")
             save_file({k: state[k] for k in EMBEDDING_TENSORS}, str(tmp))
@@ -552,7 +556,8 @@ class EncryptedEngine:
             total = be.add_plain(total, np.full(self.slots, self.plan.head_b[c]))
             outputs.append(save_bytes(be.mod_to(total, 0)))
         return StepOutput(inference_id=inference, round=r + 1, done=True, to_client=outputs, state=None,
-                          kind="logits", meta={"num_labels": self.cfg.num_labels, "labels": self._labels()})
+                          kind="logits", meta={"num_labels": self.cfg.num_labels, "labels": self._labels(),
+                                               "protocol": PROTOCOL})
 
     # -- mask correction kernels (built per request: the masks are fresh) -----------------------
     def _request_map(self, kind: str, geo: Geometry, triplets, n_in, n_out, unit, level,
@@ -666,7 +671,7 @@ class EncryptedEngine:
             frames.extend(save_bytes(ct) for ct in keep[name])
         body = pack_frames(frames)
         tag = hmac.new(self._secret, body, hashlib.sha256).digest()
-        meta = {"geometry": geo.to_dict(), "sigma": 1.0 / math.sqrt(geo.n)}
+        meta = {"geometry": geo.to_dict(), "sigma": 1.0 / math.sqrt(geo.n), "protocol": PROTOCOL}
         return StepOutput(inference_id=inference, round=round_no, done=False, to_client=to_client,
                           state=tag + body, kind=kind, meta=meta)
 

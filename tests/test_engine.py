@@ -266,3 +266,14 @@ def test_assistant_process_gives_the_same_result(random_model_dir):
         assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
     finally:
         engine.close()
+
+
+def test_client_refuses_another_protocol_version(engine, client):
+    from he_models.client import ClientError
+
+    keys, ctx = client
+    geo = engine.geometry(3)
+    out = engine.start(ctx, "proto", 3, encrypt_embeddings(keys, np.zeros((3, 128)), geo))
+    assert out.meta["protocol"] == engine.client_bundle()["protocol"]
+    with pytest.raises(ClientError, match="protocol"):
+        answer_round(keys, out.kind, {**out.meta, "protocol": "cipherbert-rounds/1"}, out.to_client)
