@@ -361,18 +361,18 @@ class EncryptedEngine:
         rk = self._mask(inference, round_no, f"{layer}.k", len(k))
         to_client = [self._masked_out(c, m) for c, m in zip(q, rq)] + [self._masked_out(c, m) for c, m in zip(k, rk)]
         return self._emit(ctx, inference, geo, round_no, "scores", to_client,
-                          {"x_res": x_res, "q": q, "v": v})
+                          {"x_res": x_res, "q": q, "v": v},
+                          {"sigma": self.plan.layers[layer].score_factor(geo.n)})
 
     def _after_scores(self, ctx, inference, geo, layer, r, saved, replies) -> StepOutput:
         be = self.backend
         n_sl = geo.sl_cts
         fresh = self._load_replies(replies, 2 * n_sl, "scores reply")
         s_client, z = fresh[:n_sl], fresh[n_sl:]
-        sigma = 1.0 / math.sqrt(geo.n)
         task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "z": z}
         c1_out, c2_out = self._split(ctx, ("c2", task),
                                      lambda: self._part_c1(ctx, geo, layer, inference, r, saved["q"]))
-        shift = sigma * self.plan.layers[layer].score_shift
+        shift = self.plan.layers[layer].shift(geo.n)
         shift_sl = geo.pack_sl(np.broadcast_to(shift[:, None, None], (geo.heads, geo.n, geo.n)))
         a = []
         for idx in range(n_sl):
@@ -384,7 +384,8 @@ class EncryptedEngine:
         to_client = [self._masked_out(c, m) for c, m in zip(a, ra)] + \
                     [self._masked_out(c, m) for c, m in zip(saved["v"], rv)]
         return self._emit(ctx, inference, geo, r + 1, "context", to_client,
-                          {"x_res": saved["x_res"], "v": saved["v"]})
+                          {"x_res": saved["x_res"], "v": saved["v"]},
+                          {"context_scale": 1.0 / self.plan.layers[layer].a_gain})
 
     def _after_context(self, ctx, inference, geo, layer, r, saved, replies) -> StepOutput:
         be = self.backend
@@ -478,7 +479,7 @@ class EncryptedEngine:
 
     def _part_c1(self, ctx, geo, layer, inference, r, q) -> list[seal.Ciphertext]:
         """sigma * Q rK^T, from the server's Q (level 2) to level 1."""
-        sigma = 1.0 / math.sqrt(geo.n)
+        sigma = self.plan.layers[layer].score_factor(geo.n)
         rk = geo.unpack_fm(self._mask(inference, r, f"{layer}.k", geo.fm_cts(geo.hidden)), geo.hidden)
         c1 = self._request_map("c1", geo, self._c1_triplets(geo, sigma * rk), geo.fm_cts(geo.hidden), geo.sl_cts,
                                CHUNK, 2, self.plan.block_babies(CHUNK))
@@ -486,7 +487,7 @@ class EncryptedEngine:
 
     def _part_c2(self, ctx, geo, layer, inference, r, z) -> list[seal.Ciphertext]:
         """sigma * rQ (K+rK)^T from the client's fresh token-major K+rK, run one level down."""
-        sigma = 1.0 / math.sqrt(geo.n)
+        sigma = self.plan.layers[layer].score_factor(geo.n)
         rq = geo.unpack_fm(self._mask(inference, r, f"{layer}.q", geo.fm_cts(geo.hidden)), geo.hidden)
         c2 = self._request_map("c2", geo, self._c2_triplets(geo, sigma * rq), geo.sl_cts, geo.sl_cts, 1, 2)
         return apply_map(self.backend, c2, z, ctx.galois)
@@ -494,13 +495,14 @@ class EncryptedEngine:
     def _part_c3(self, ctx, geo, layer, inference, r, a_masked) -> list[seal.Ciphertext]:
         """(A+rA) rV from the client's fresh A+rA."""
         rv = geo.unpack_fm(self._mask(inference, r, f"{layer}.v", geo.fm_cts(geo.hidden)), geo.hidden)
+        rv = rv / self.plan.layers[layer].a_gain
         c3 = self._request_map("c3", geo, self._c3_triplets(geo, rv), geo.sl_cts, geo.fm_cts(geo.hidden), CHUNK, 2,
                                self.plan.block_babies(CHUNK))
         return apply_map(self.backend, c3, a_masked, ctx.galois)
 
     def _part_c4(self, ctx, geo, layer, inference, r, v) -> list[seal.Ciphertext]:
         """rA V from the server's V (level 2)."""
-        ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", geo.sl_cts))
+        ra = geo.unpack_sl(self._mask(inference, r, f"{layer}.a", geo.sl_cts)) / self.plan.layers[layer].a_gain
         n_fm = geo.fm_cts(geo.hidden)
         c4 = self._request_map("c4", geo, self._c4_triplets(geo, ra), n_fm, n_fm, 1, 2)
         return apply_map(self.backend, c4, v, ctx.galois)
@@ -662,7 +664,8 @@ class EncryptedEngine:
             out.append(ct)
         return out
 
-    def _emit(self, ctx, inference, geo, round_no, kind, to_client, keep: dict[str, list]) -> StepOutput:
+    def _emit(self, ctx, inference, geo, round_no, kind, to_client, keep: dict[str, list],
+              extra_meta: dict | None = None) -> StepOutput:
         header = {"format": STATE_FORMAT, "inference_id": inference, "round": round_no, "kind": kind,
                   "geometry": geo.to_dict(), "key": ctx.fingerprint, "model": self.model_hash,
                   "tensors": {name: len(cts) for name, cts in keep.items()}}
@@ -671,7 +674,7 @@ class EncryptedEngine:
             frames.extend(save_bytes(ct) for ct in keep[name])
         body = pack_frames(frames)
         tag = hmac.new(self._secret, body, hashlib.sha256).digest()
-        meta = {"geometry": geo.to_dict(), "sigma": 1.0 / math.sqrt(geo.n), "protocol": PROTOCOL}
+        meta = {"geometry": geo.to_dict(), "protocol": PROTOCOL, **(extra_meta or {})}
         return StepOutput(inference_id=inference, round=round_no, done=False, to_client=to_client,
                           state=tag + body, kind=kind, meta=meta)
 

@@ -52,6 +52,19 @@ class LayerPlan:
     w2: np.ndarray
     b2: np.ndarray
     score_shift: np.ndarray  # per head: c / sqrt(z_h); divided by sqrt(n) at run time
+    # Precision gains (compile_plan sets them): Q is carried multiplied by q_gain (folded into wq, bq) and
+    # the attention weights by a_gain, so that each pair of masked operands has similar ranges. The mask
+    # corrections multiply one operand's CKKS error by the other's mask; balancing the ranges keeps the
+    # larger mask off the smaller value's error. Both cancel exactly in the result.
+    q_gain: float = 1.0
+    a_gain: float = 1.0
+
+    def score_factor(self, n: int) -> float:
+        """What multiplies (Q+rQ)(K+rK)^T: 1/sqrt(n), the attention scale's remainder and the gains."""
+        return math.sqrt(self.a_gain) / (self.q_gain * math.sqrt(n))
+
+    def shift(self, n: int) -> np.ndarray:
+        return math.sqrt(self.a_gain) * self.score_shift / math.sqrt(n)
 
 
 @dataclass
@@ -204,7 +217,6 @@ def simulate(plan: HEPlan, embeddings: np.ndarray) -> Trace:
     n = embeddings.shape[0]
     cfg = plan.config
     dh = cfg.head_dim
-    sigma = 1.0 / math.sqrt(n)
     raw = embeddings.astype(np.float64)
     tensors: dict[str, np.ndarray] = {}
     for li, L in enumerate(plan.layers):
@@ -213,9 +225,9 @@ def simulate(plan: HEPlan, embeddings: np.ndarray) -> Trace:
         qh = q.reshape(n, cfg.num_heads, dh).transpose(1, 0, 2)
         kh = k.reshape(n, cfg.num_heads, dh).transpose(1, 0, 2)
         vh = v.reshape(n, cfg.num_heads, dh).transpose(1, 0, 2)
-        s = sigma * np.einsum("hkd,hid->hki", kh, qh)  # [h, k, i]
-        a = (s + (sigma * L.score_shift)[:, None, None]) ** 2
-        ctx = np.einsum("hki,hke->hie", a, vh).transpose(1, 0, 2).reshape(n, cfg.hidden_size)
+        s = L.score_factor(n) * np.einsum("hkd,hid->hki", kh, qh)  # [h, k, i]
+        a = (s + L.shift(n)[:, None, None]) ** 2  # a_gain times the attention weights
+        ctx = np.einsum("hki,hke->hie", a, vh).transpose(1, 0, 2).reshape(n, cfg.hidden_size) / L.a_gain
         h_raw = x_res + ctx @ L.wo + L.bo
         h_res = h_raw * L.n1_scale + L.n1_shift
         u = h_raw @ L.w1 + L.b1
@@ -276,6 +288,12 @@ def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = N
         raise PlanError(f"a segment needs {deepest} levels; the parameters give {plan.params.levels}")
     if calibration is None:
         calibration = default_calibration(model_dir)
+    raw = calibrate(plan, calibration)
+    for i, layer in enumerate(plan.layers):
+        gain_q = float(np.clip(raw[f"{i}.k"] / max(raw[f"{i}.q"], 1e-9), 1 / 64, 1024))
+        gain_a = float(np.clip(raw[f"{i}.v"] / max(raw[f"{i}.a"], 1e-9), 1 / 64, 1024))
+        layer.wq, layer.bq = layer.wq * gain_q, layer.bq * gain_q
+        layer.q_gain, layer.a_gain = gain_q, gain_a
     raw = calibrate(plan, calibration)
     # Margin over what calibration saw, so unusual sentences stay inside the masked range.
     plan.ranges = {k: 2.0 * v + 1e-3 for k, v in raw.items()}
