@@ -50,6 +50,12 @@ def engine_table() -> str:
         out.append(f"| {r['tokens']} | {r['e2e_p50_s']:.2f} s | {r['e2e_p95_s']:.2f} s | {r['server_p50_s']:.2f} s | "
                    f"{r['plaintext_s'] * 1e3:.1f} ms | {r['rounds']} | {r['upload_bytes'] / 1e6:.2f} MB | "
                    f"{r['download_bytes'] / 1e6:.2f} MB | {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB |")
+    par = e.get("parallel")
+    if par:
+        two = [k for k in par if k.startswith("workers_") and not k.startswith("workers_1_")][0]
+        out.append(f"\nBoth cores for one query (engine assistant process): 32-token e2e p50 "
+                   f"{par['workers_1_e2e_p50_s']:.2f} s in one process, {par[two]:.2f} s with two "
+                   f"({par['speedup']:.2f}x).")
     n = e["naive"]
     machine = e["machine"]
     out.append(f"\nEvaluation keys {e['eval_key_bytes'] / 1e6:.1f} MB (once per client). Naive TenSEAL baseline "

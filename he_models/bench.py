@@ -237,6 +237,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['download_bytes'] / 1e6:>8.2f} {row['max_abs_logit_err']:>11.2e}")
 
     x32 = embedder.embed_ids(token_ids(embedder, 32))
+    parallel = None
+    if args.workers > 1 and 32 in args.tokens:
+        # The same 32-token query with the engine in one process: what the assistant process gains.
+        single = EncryptedEngine.load(args.model, os.urandom(32), workers=1)
+        single_ctx = single.load_context(public)
+        runs1 = [encrypted_run(single, keys, single_ctx, x32, f"single-{i}") for i in range(args.reps)]
+        p50_two = next(r["e2e_p50_s"] for r in results if r["tokens"] == 32)
+        p50_one = statistics.median(r["e2e"] for r in runs1)
+        parallel = {"tokens": 32, "workers_1_e2e_p50_s": p50_one, f"workers_{args.workers}_e2e_p50_s": p50_two,
+                    "speedup": p50_one / p50_two}
+        print(f"32 tokens, one process: e2e p50 {p50_one:.2f} s; with {args.workers}: {p50_two:.2f} s "
+              f"({p50_one / p50_two:.2f}x)")
+        del single
     engine_s = engine_projections(engine, keys, ctx, x32, reps=3)
     naive = naive_baseline(engine, x32, args.naive_tokens)
     naive["engine_per_token_s"] = engine_s / 32
@@ -259,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "mask_bits": {k: round(v[1], 2) for k, v in engine.mask_limits.items()},
         "results": results,
         "naive": naive,
+        "parallel": parallel,
         "note": "e2e runs client and server in one process with no network; see bench/results/load.json "
                 "for the service over HTTP",
     }
