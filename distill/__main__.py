@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="override work_dir (checkpoints and cached teacher outputs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--skip-ablation", action="store_true", help="train only the shipped model and tiny_exact")
+    p.add_argument("--finish", metavar="STUDENT",
+                   help="stop STUDENT (e.g. tiny_exact) at its last checkpoint, keep its best dev epoch, "
+                        "evaluate it and mark it done (when time runs out)")
     p.add_argument("--ablation-only", action="store_true",
                    help="run only the ablation students (e.g. in a second process beside the main run)")
     return p
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg["ablation"]["enabled"] = False
         if args.ablation_only:
             cfg["_ablation_only"] = True
+        if args.finish:
+            cfg["_finish"] = args.finish
         from distill.pipeline import run
 
         metrics = run(cfg)

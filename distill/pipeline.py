@@ -209,6 +209,43 @@ def run_student(cfg: dict, name: str, he_cfg, teacher, enc: dict, logits: dict, 
 _tok_cache: dict = {}
 
 
+def finish_student(cfg: dict, name: str, he_cfg, enc: dict, logits: dict, device, put_result) -> dict:
+    """Stop a student where its checkpoints are (when time runs out): keep its best dev epoch so far,
+    record ranges, evaluate, and mark it done. The result says how far it got."""
+    from distill.batching import encode as _encode
+    from distill.student import accuracy, predict, record_ranges
+    from he_models.model import HEFriendlyBert
+
+    sdir = Path(cfg["work_dir"]) / "students" / name
+    ckpt = sdir / "ckpt.pt"
+    if not ckpt.exists():
+        from he_models.config import ConfigError
+
+        raise ConfigError(f"--finish {name}: no checkpoint under {sdir}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model = HEFriendlyBert(he_cfg)
+    best = sdir / "best.pt"
+    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False) if best.exists()
+                          else state["model"])
+    model.to(device)
+    aug = _encode(_tok_cache["tok"], logits["aug_texts"], [-1] * len(logits["aug_texts"]), cfg["data"]["max_len"]) \
+        if logits.get("aug_texts") else None
+    record_ranges(model, [enc["train"]] + ([aug] if aug is not None else []), device)
+    result = {"name": name, "seconds": state["seconds"], "history": state["history"],
+              "approximations": approximations(model.config),
+              "stopped_early": f"after {state['stage']} epoch {state['epoch']} (best dev epoch kept)"}
+    for key in ("dev", "test", "sst2_dev"):
+        if key in enc:
+            result[f"{key}_accuracy"] = accuracy(predict(model, enc[key], device), enc[key].labels)
+    result["ranges"] = model.recorded_ranges()
+    model.save_pretrained(sdir / "model")
+    (sdir / "DONE.json").write_text(json.dumps(result, indent=2) + "\n")
+    (sdir / "LOCK").unlink(missing_ok=True)
+    put_result(name, result)
+    log(f"{name}: finished early {result['stopped_early']}: dev {result.get('dev_accuracy')}")
+    return result
+
+
 def approximations(he_cfg) -> dict:
     from he_models.config import multiplicative_depth
 
@@ -280,6 +317,12 @@ def run(cfg: dict) -> dict:
             "tiny_exact_sst2_accuracy": ex.get("sst2_dev_accuracy"),
             "he_friendly_accuracy": he.get("dev_accuracy"), "he_friendly_test_accuracy": he.get("test_accuracy"),
             "he_friendly_sst2_accuracy": he.get("sst2_dev_accuracy"),
+            "teacher_note": tinfo.get("note"),
+            "tiny_exact_note": ex.get("stopped_early") and f"stopped {ex['stopped_early']}",
+            "he_friendly_dev_by_stage2_epoch": [h.get("dev_accuracy") for h in he.get("history", [])
+                                                if h.get("stage") == 2],
+            "tiny_exact_dev_by_stage2_epoch": [h.get("dev_accuracy") for h in ex.get("history", [])
+                                               if h.get("stage") == 2],
             "approximations": he.get("approximations"), "ranges": he.get("ranges"),
             "params": he.get("params"),
             "train_seconds": {"teacher_finetune": round(tinfo.get("seconds", 0.0), 1),
@@ -308,6 +351,13 @@ def run(cfg: dict) -> dict:
             tmp.write_text(json.dumps(metrics_now(), indent=2) + "\n")
             os.replace(tmp, path)
 
+    if cfg.get("_finish"):
+        name = cfg["_finish"]
+        over = {"softmax": "exact", "gelu": "exact", "layernorm": "exact"} if name == "tiny_exact" else {}
+        finish_student(cfg, name, student_config(cfg, over, tok, num_labels, name.replace("_", "-")), enc,
+                       logits, device, put_result)
+        write_metrics()
+        return metrics_now()
     ablation_only = cfg.get("_ablation_only", False)
     # 1. the shipped HE-friendly student (shipped as soon as it exists)
     if ablation_only:

@@ -241,3 +241,26 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--config", str(cfg)]) == 0
     assert "already trained" in capsys.readouterr().out
+
+
+def test_teacher_loader_accepts_hf_sequence_classification_checkpoint(tmp_path):
+    """Any local BERT-family directory works, e.g. a user's fine-tuned *ForSequenceClassification."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distill.teacher import default_teacher_path, load_teacher
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(str(tmp_path))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_teacher_path() / name).exists():
+            shutil.copy(default_teacher_path() / name, tmp_path / name)
+    teacher, tok = load_teacher(tmp_path, num_labels=2)
+    assert teacher.hf_classifier and teacher.num_layers == 2 and teacher.num_heads == 4
+    enc = tok(["a fine film"], return_tensors="pt")
+    teacher.eval()
+    with torch.no_grad():
+        out = teacher(enc["input_ids"], enc["attention_mask"], output_hidden=True)
+    assert out["logits"].shape == (1, 2) and len(out["attentions"]) == 2
