@@ -290,7 +290,14 @@ def run(cfg: dict) -> dict:
     log(f"teacher accuracy: {teacher_acc}")
     he_cfg = student_config(cfg, {}, tok, num_labels, cfg["name"])
     dcfg = cfg["distill"]
-    hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device) if dcfg["stage1_epochs"] > 0 else None
+    needed = ["he_friendly"] + (["tiny_exact"] if cfg["tiny_exact"]["enabled"] else [])
+    if cfg["ablation"]["enabled"]:
+        needed += ["ablation_exact", "ablation_all"] + [f"ablation_{k}" for k in cfg["ablation"]["variants"]]
+        needed += [f"help_{h}" for h in cfg["ablation"]["helps"]]
+    all_done = all((work / "students" / n / "DONE.json").exists() for n in needed)
+    hidden = None
+    if dcfg["stage1_epochs"] > 0 and not all_done and not cfg.get("_finish"):
+        hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device)
     results_path = work / "results.json"
     results: dict = {}
 
