@@ -128,7 +128,7 @@ def ablation_tables(m: dict) -> str:
 
 
 def timing(m: dict) -> str:
-    t = m.get("train_seconds") or {}
+    t = m.get("train_seconds_by_stage") or m.get("train_seconds") or {}
     if not isinstance(t, dict):
         return f"Training took {t:.0f} s on {m.get('device')}."
     parts = [f"teacher fine-tune {t.get('teacher_finetune', 0) / 60:.1f} min",
