@@ -135,7 +135,7 @@ def timing(m: dict) -> str:
              f"HE-friendly student {t.get('he_friendly', 0) / 60:.1f} min",
              f"tiny_exact {t.get('tiny_exact', 0) / 60:.1f} min",
              f"all students including the ablation {t.get('all_students', 0) / 60:.1f} min"]
-    return (f"Training time (seconds spent in training loops, from metrics.json `train_seconds`) on "
+    return (f"Training time (seconds spent in training loops, from metrics.json `train_seconds_by_stage`) on "
             f"{m.get('device')} with 2 cores shared with three other engineers' jobs: " + ", ".join(parts) + ".")
 
 
