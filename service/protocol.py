@@ -19,42 +19,7 @@ import hmac
 import json
 import struct
 
-try:  # the engine's framing, when it is installed
-    from he_models.wire import WireError, pack_frames, unpack_frames  # type: ignore
-except ImportError:  # pragma: no cover - same format, used until/unless he_models.wire exists
-    MAGIC = b"CBF1"
-
-    class WireError(ValueError):
-        """Malformed, truncated or oversized frame set."""
-
-    def pack_frames(frames: list[bytes]) -> bytes:
-        parts = [MAGIC, struct.pack("<I", len(frames))]
-        for frame in frames:
-            parts.append(struct.pack("<Q", len(frame)))
-            parts.append(bytes(frame))
-        return b"".join(parts)
-
-    def unpack_frames(data: bytes, max_frames: int = 64, max_bytes: int = 1 << 30) -> list[bytes]:
-        if len(data) > max_bytes:
-            raise WireError(f"frame set of {len(data)} bytes exceeds the limit of {max_bytes}")
-        if len(data) < 8 or data[:4] != MAGIC:
-            raise WireError("not a CBF1 frame set (bad magic or too short)")
-        (count,) = struct.unpack_from("<I", data, 4)
-        if count > max_frames:
-            raise WireError(f"{count} frames exceed the limit of {max_frames}")
-        pos, out = 8, []
-        for i in range(count):
-            if pos + 8 > len(data):
-                raise WireError(f"truncated frame set: header of frame {i} missing")
-            (length,) = struct.unpack_from("<Q", data, pos)
-            pos += 8
-            if length > len(data) - pos:
-                raise WireError(f"truncated frame set: frame {i} declares {length} bytes")
-            out.append(data[pos:pos + length])
-            pos += length
-        if pos != len(data):
-            raise WireError(f"{len(data) - pos} trailing bytes after the last frame")
-        return out
+from he_models.wire import WireError, pack_frames, unpack_frames  # noqa: F401  (re-exported)
 
 FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
 
