@@ -12,30 +12,16 @@ import hashlib
 import hmac
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tenseal as ts
 
+from he_models.engine import EngineError, StepOutput  # the same contract as the real engine
+
 POLY_N = 4096
 COEFF_BITS = [38, 30, 40]
 SCALE_BITS = 30
-
-
-class EngineError(ValueError):
-    """Bad client input (same contract as he_models.engine.EngineError)."""
-
-
-@dataclass
-class StepOutput:
-    inference_id: str
-    round: int
-    done: bool
-    to_client: list[bytes]
-    state: bytes | None
-    kind: str
-    meta: dict = field(default_factory=dict)
 
 
 def make_toy_model(directory: str | Path, name: str = "toy", hidden: int = 8, vocab: int = 64,
