@@ -13,7 +13,6 @@ import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -213,8 +212,3 @@ def encode_vector(encoder: seal.CKKSEncoder, values: np.ndarray, parms_id, scale
     pt = seal.Plaintext()
     encoder.encode(np.ascontiguousarray(values, dtype=np.float64), parms_id, scale, pt)
     return pt
-
-
-def serialized_size(params: CKKSParams, primes: int) -> int:
-    """Approximate bytes of an unseeded ciphertext with `primes` primes left (for documentation)."""
-    return 2 * params.poly_modulus_degree * primes * 8

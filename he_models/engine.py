@@ -33,7 +33,7 @@ from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into,
 from he_models.kernels import (Backend, EncodedMap, apply_map, build_map, build_map_fewest_rotations,
                                encode_map, plan_map_fewest_rotations, subset_map)
 from he_models.layout import CHUNK, PROTOCOL, Geometry, LayoutError
-from he_models.plan import BABY_STEPS, HEPlan, LayerPlan, PlanError, compile_plan, save_plan_summary
+from he_models.plan import BABY_STEPS, HEPlan, PlanError, compile_plan
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 STATE_FORMAT = "cipherbert-engine-state/1"
@@ -588,7 +588,7 @@ class EncryptedEngine:
         h, k, i, d = self._head_grid(geo)
         f = h * geo.head_dim + d
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
+        out = np.broadcast_to(geo.sl_slot(h, k, i), shape)
         inp = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
         return out, inp, np.broadcast_to(w_rk[k, f], shape)
 
@@ -597,8 +597,8 @@ class EncryptedEngine:
         h, k, i, d = self._head_grid(geo)
         f = h * geo.head_dim + d
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
-        out = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
-        inp = np.broadcast_to((h * geo.n + k) * geo.block + d, shape)
+        out = np.broadcast_to(geo.sl_slot(h, k, i), shape)
+        inp = np.broadcast_to(geo.sl_slot(h, k, d), shape)
         return out, inp, np.broadcast_to(w_rq[i, f], shape)
 
     def _c3_triplets(self, geo, rv):
@@ -607,7 +607,7 @@ class EncryptedEngine:
         f = h * geo.head_dim + e
         shape = (geo.heads, geo.n, geo.n, geo.head_dim)
         out = np.broadcast_to(geo.fm_slot(i, f, geo.hidden), shape)
-        inp = np.broadcast_to((h * geo.n + k) * geo.block + i, shape)
+        inp = np.broadcast_to(geo.sl_slot(h, k, i), shape)
         return out, inp, np.broadcast_to(rv[k, f], shape)
 
     def _c4_triplets(self, geo, ra):

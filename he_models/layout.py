@@ -93,19 +93,23 @@ class Geometry:
         f = np.arange(features)[None, :]
         return self.fm_slot(t, f, features)
 
+    def sl_slot(self, h: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Global slot of (head h, key/token k, position x in its block): SL with x = query, TM with x = feature."""
+        return (h * self.n + k) * self.block + x
+
     def sl_index(self) -> np.ndarray:
         """[h, k, i] -> global slot."""
         h = np.arange(self.heads)[:, None, None]
         k = np.arange(self.n)[None, :, None]
         i = np.arange(self.n)[None, None, :]
-        return (h * self.n + k) * self.block + i
+        return self.sl_slot(h, k, i)
 
     def tm_index(self) -> np.ndarray:
         """[h, k, d] -> global slot."""
         h = np.arange(self.heads)[:, None, None]
         k = np.arange(self.n)[None, :, None]
         d = np.arange(self.head_dim)[None, None, :]
-        return (h * self.n + k) * self.block + d
+        return self.sl_slot(h, k, d)
 
     # -- packing ------------------------------------------------------------------------------
     def _scatter(self, index: np.ndarray, values: np.ndarray, n_cts: int) -> list[np.ndarray]:

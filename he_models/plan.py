@@ -11,7 +11,6 @@ reference the encrypted run is compared against.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,7 +308,3 @@ def default_calibration(model_dir: Path, count: int = 64) -> list[np.ndarray]:
     embedder = Embedder.from_model_dir(model_dir)
     texts = [ex.text for ex in load_sst2_dev()[:count]]
     return [embedder.embed(t) for t in texts]
-
-
-def save_plan_summary(plan: HEPlan, path: Path) -> None:
-    path.write_text(json.dumps(plan.summary(), indent=2) + "\n")
