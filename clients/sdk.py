@@ -32,7 +32,7 @@ from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
 FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
-ALLOWED_CLIENT_MODULES = ("he_models.client", "service.toyengine")
+ALLOWED_CLIENT_MODULES = ("he_models.client", "tests.support.toyengine")
 
 
 class CipherbertError(RuntimeError):

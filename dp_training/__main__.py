@@ -1,6 +1,6 @@
 """`python -m dp_training --data FILE --base models/<name> --epsilon E [--delta D] --epochs K --out DIR`.
 
-Also reached as `cipherbert dp-finetune ...` (clients/cli.py dispatches here).
+Also reached as `cipherbert dp-finetune ...` (cipherbert/cli.py dispatches here).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tenseal.sealapi as seal
 
+from he_models.errors import ClientInputError
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 # Largest total coefficient-modulus bits for 128-bit classical security (HomomorphicEncryption.org
@@ -26,7 +27,7 @@ MAX_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881
 KEYS_FORMAT = "cipherbert-eval-keys/1"
 
 
-class CKKSError(ValueError):
+class CKKSError(ClientInputError):
     """Bad parameters, or serialized data that does not belong to these parameters."""
 
 

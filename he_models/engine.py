@@ -30,8 +30,17 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
-from he_models.kernels import (Backend, EncodedMap, apply_map, build_map, build_map_fewest_rotations,
-                               encode_map, plan_map_fewest_rotations, subset_map)
+from he_models.errors import ClientInputError
+from he_models.kernels import (
+    Backend,
+    EncodedMap,
+    apply_map,
+    build_map,
+    build_map_fewest_rotations,
+    encode_map,
+    plan_map_fewest_rotations,
+    subset_map,
+)
 from he_models.layout import CHUNK, PROTOCOL, Geometry, LayoutError
 from he_models.plan import BABY_STEPS, HEPlan, PlanError, compile_plan
 from he_models.wire import WireError, pack_frames, unpack_frames
@@ -40,7 +49,7 @@ STATE_FORMAT = "cipherbert-engine-state/1"
 HEADROOM_BITS = 18  # base prime 55 bits - scale 36 bits - 1: |value| at the last level must stay below 2^18
 
 
-class EngineError(ValueError):
+class EngineError(ClientInputError):
     """Input the engine refuses: wrong parameters, level or count, secret keys, replays, too many tokens."""
 
 

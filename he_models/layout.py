@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from he_models.errors import ClientInputError
+
 TOKEN_BLOCKS = (32, 64, 128)
 CHUNK = 32  # tokens per feature-major chunk
 # Version of the packing and round protocol. The server puts it in the bundle and in every round's meta;
@@ -28,7 +30,7 @@ CHUNK = 32  # tokens per feature-major chunk
 PROTOCOL = "cipherbert-rounds/3"
 
 
-class LayoutError(ValueError):
+class LayoutError(ClientInputError):
     pass
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import struct
 
+from he_models.errors import ClientInputError
+
 MAGIC = b"CBF1"
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
-class WireError(ValueError):
+class WireError(ClientInputError):
     """Malformed, truncated or oversized framed data from a client."""
 
 

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from service.testing import REPO, start_server
-from service.toyengine import make_toy_model
+from cipherbert.launch import REPO, start_server
+from tests.support.toyengine import make_toy_model
 
 KEY = "acme-key-0001"
 
 
 def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cipherbert.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     models = tmp / "models"
     make_toy_model(models)
-    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, engine="service.toyengine:ToyEngine",
+    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, engine="tests.support.toyengine:ToyEngine",
                         workers=1)
     yield proc
     proc.stop()
@@ -75,7 +75,7 @@ def test_serve_refuses_bad_settings(tmp_path):
 def test_training_commands_delegate(monkeypatch):
     import types
 
-    from clients import cli as cli_mod
+    from cipherbert import cli as cli_mod
 
     seen = {}
     for module, name in (("distill.__main__", "distill"), ("dp_training.__main__", "dp-finetune")):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "
 from opacus import GradSampleModule  # noqa: E402
 
 from dp_training.__main__ import main  # noqa: E402
-from dp_training.fixtures import make_random_base  # noqa: E402
+from tests.support.dp_fixtures import make_random_base  # noqa: E402
 from dp_training.modules import (  # noqa: E402
     FrozenAffineNorm, HeadScale, export_state_dict, make_dp_twin,
 )

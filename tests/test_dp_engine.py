@@ -10,7 +10,7 @@ import torch
 
 from cipherbert.data import load_sms_spam
 from dp_training.__main__ import main as dp_main
-from dp_training.fixtures import make_random_base
+from tests.support.dp_fixtures import make_random_base
 from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
 from he_models.engine import EncryptedEngine
 from he_models.model import HEFriendlyBert

@@ -11,8 +11,8 @@ import pytest
 from clients.sdk import Client
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from service.testing import have, start_nginx, start_redis, start_server
-from service.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
+from cipherbert.launch import have, start_nginx, start_redis, start_server
+from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
 
 KEY = "acme-key-0001"
 pytestmark = pytest.mark.skipif(not have("redis-server"), reason="redis-server not installed (make system-deps)")
@@ -32,7 +32,7 @@ def topology(tmp_path_factory):
         for name in ("replica-a", "replica-b"):
             procs.append(start_server(tmp, api_keys=f"acme:{KEY},evil:evil-key-0001,limited:limited-key-01",
                                       models_dir=models,
-                                      engine="service.toyengine:ToyEngine", workers=1, replica_id=name, env=env))
+                                      engine="tests.support.toyengine:ToyEngine", workers=1, replica_id=name, env=env))
         nginx = None
         if have("nginx"):
             nginx = start_nginx(tmp, [procs[1].url, procs[2].url])
@@ -107,7 +107,7 @@ def test_deploy_nginx_conf_passes_nginx_t(tmp_path):
     import shutil
     import subprocess
 
-    from service.testing import REPO
+    from cipherbert.launch import REPO
 
     conf = (REPO / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("api1:8000", "127.0.0.1:8001").replace("api2:8000", "127.0.0.1:8002")
@@ -125,7 +125,7 @@ def test_deploy_nginx_conf_passes_nginx_t(tmp_path):
 
 def test_compose_topology():
     yaml = pytest.importorskip("yaml")
-    from service.testing import REPO
+    from cipherbert.launch import REPO
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]

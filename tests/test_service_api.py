@@ -14,8 +14,8 @@ import tenseal as ts
 from clients.sdk import Client
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from service.testing import start_server
-from service.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
+from cipherbert.launch import start_server
+from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
 
 ACME, EVIL, LIMITED = "acme-key-0001", "evil-key-0001", "limited-key-01"
 KEYS = f"acme:{ACME},evil:{EVIL},limited:{LIMITED}"
@@ -26,7 +26,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     models = tmp / "models"
     make_toy_model(models)
-    proc = start_server(tmp, api_keys=KEYS, models_dir=models, engine="service.toyengine:ToyEngine", workers=1,
+    proc = start_server(tmp, api_keys=KEYS, models_dir=models, engine="tests.support.toyengine:ToyEngine", workers=1,
                         env={"CIPHERBERT_RATE_LIMIT": "100/60", "CIPHERBERT_MAX_KEY_BYTES": str(16 << 20),
                              "CIPHERBERT_MAX_FRAMES_BYTES": str(4 << 20), "CIPHERBERT_SECRET": "s" * 32})
     proc.extra["models"] = models
@@ -248,7 +248,7 @@ def test_sdk_keeps_secret_local(server, tmp_path):
     assert secrets[0].parent.stat().st_mode & 0o777 == 0o700
     assert ts.context_from(secrets[0].read_bytes()).has_secret_key()
     # plaintext agreement of the toy model
-    from service.toyengine import ToyEngine
+    from tests.support.toyengine import ToyEngine
 
     engine = ToyEngine.load(server.extra["models"] / "toy", b"s" * 32)
     emb = Embedder(server.extra["models"] / "toy").embed("what a terrible waste of time")
@@ -273,7 +273,7 @@ def test_saturation_answers_429_with_retry_after(server, tmp_path, monkeypatch):
 
     monkeypatch.setenv("CIPHERBERT_API_KEYS", f"acme:{ACME}")
     app = create_app(Settings(data_dir=tmp_path, models_dir=server.extra["models"],
-                              engine="service.toyengine:ToyEngine", workers=1))
+                              engine="tests.support.toyengine:ToyEngine", workers=1))
     svc = app.state.service
     with TestClient(app) as tc:
         deadline = time.time() + 60
@@ -292,9 +292,9 @@ def test_keys_survive_a_restart(tmp_path):
     models = tmp_path / "models"
     make_toy_model(models)
     data = tmp_path / "data"
-    from service.testing import free_port
+    from cipherbert.launch import free_port
 
-    opts = dict(api_keys=f"acme:{ACME}", models_dir=models, engine="service.toyengine:ToyEngine", workers=1,
+    opts = dict(api_keys=f"acme:{ACME}", models_dir=models, engine="tests.support.toyengine:ToyEngine", workers=1,
                 data_dir=data, port=free_port())  # same URL: the SDK's keystore is per server URL
     first = start_server(tmp_path, **opts)
     try:
@@ -322,7 +322,7 @@ def test_engine_worker_crash_is_survived(tmp_path):
     models = tmp_path / "models"
     make_toy_model(models)
     server = start_server(tmp_path, api_keys=f"acme:{ACME}", models_dir=models,
-                          engine="service.toyengine:ToyEngine", workers=1)
+                          engine="tests.support.toyengine:ToyEngine", workers=1)
     try:
         with Client(server.url, ACME, cache_dir=tmp_path / "c", retries=0) as client:
             client.classify("warm up")
@@ -372,7 +372,7 @@ def test_engine_workers_never_outlive_the_server(tmp_path, how):
     models = tmp_path / "models"
     make_toy_model(models)
     server = start_server(tmp_path, api_keys=f"acme:{ACME}", models_dir=models,
-                          engine="service.toyengine:ToyEngine", workers=2)
+                          engine="tests.support.toyengine:ToyEngine", workers=2)
     try:
         workers = _engine_children(server.popen.pid)
         assert len(workers) == 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clients.sdk import Client
-from service.testing import have, start_nginx, start_redis, start_server
+from cipherbert.launch import have, start_nginx, start_redis, start_server
 
 KEY = "acme-key-0001"
 SENTENCE = "a gripping, beautifully acted film"

@@ -3,8 +3,8 @@
 import json
 
 
-from service import loadtest
-from service.testing import start_server
+from bench import loadtest
+from cipherbert.launch import start_server
 
 KEY = "load-key-0001"
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service.testing import start_server
-from service.toyengine import make_toy_model
+from cipherbert.launch import start_server
+from tests.support.toyengine import make_toy_model
 
 KEY = "acme-key-0001"
 MAX_EXAMPLES = 12
@@ -22,7 +22,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schema")
     models = tmp / "models"
     make_toy_model(models)
-    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, engine="service.toyengine:ToyEngine",
+    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, engine="tests.support.toyengine:ToyEngine",
                         workers=1, env={"CIPHERBERT_RATE_LIMIT": "off"})
     yield proc
     proc.stop()

@@ -9,8 +9,8 @@ import tenseal as ts
 from service.protocol import frames_digest, pack_envelope, round_token, token_matches, unpack_envelope
 from service.settings import Settings, SettingsError, parse_api_keys, parse_rate_limit
 from service.store import InferenceRecord, KeyRecord, SQLiteStore
-from service.testing import have, start_redis
-from service.toyengine import EngineError, ToyEngine, make_toy_model, ClientKeys
+from cipherbert.launch import have, start_redis
+from tests.support.toyengine import EngineError, ToyEngine, make_toy_model, ClientKeys
 
 
 def test_api_keys_and_rate_limit_parsing():

@@ -82,7 +82,7 @@ def start_server(workdir: Path, *, api_keys: str, models_dir: Path | None = None
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or workdir / f"data-{port}"
     log = workdir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "cipherbert.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning"]
     if models_dir:
         cmd += ["--models-dir", str(models_dir)]

@@ -1,7 +1,7 @@
 """Load test: concurrent SDK clients against a running deployment, every result checked.
 
-    python -m service.loadtest --clients 8 --duration 60 --url http://127.0.0.1:8080 --api-key KEY
-    python -m service.loadtest --clients 8 --duration 60 --local-replicas 2   # starts redis + 2 replicas + nginx
+    python -m bench.loadtest --clients 8 --duration 60 --url http://127.0.0.1:8080 --api-key KEY
+    python -m bench.loadtest --clients 8 --duration 60 --local-replicas 2   # starts redis + 2 replicas + nginx
 
 Each client is its own process with its own CKKS keys (its own keystore), classifies its own SST-2 dev
 sentences in a loop, and checks the decrypted label against the plaintext HE-friendly model
@@ -236,7 +236,7 @@ def machine_info() -> dict:
 
 def start_local(n: int, workers: int, workdir: Path, api_key: str) -> tuple[list, str, str]:
     """redis + n replicas + nginx on loopback (n == 1: one server, embedded store)."""
-    from service.testing import have, start_nginx, start_redis, start_server
+    from cipherbert.launch import have, start_nginx, start_redis, start_server
 
     procs, env = [], {"CIPHERBERT_SECRET": "loadtest-" + os.urandom(16).hex(), "CIPHERBERT_RATE_LIMIT": "off",
                       "CIPHERBERT_WARM_TOKENS": os.environ.get("CIPHERBERT_WARM_TOKENS", "32,64")}
@@ -258,7 +258,7 @@ def start_local(n: int, workers: int, workdir: Path, api_key: str) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--url", default=os.environ.get("CIPHERBERT_URL"), help="deployment URL (comma list = round robin)")

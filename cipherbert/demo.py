@@ -1,6 +1,6 @@
 """`make demo`: start a local server, classify a few sentences encrypted through the SDK, stop it.
 
-    python -m clients.demo [--model-dir models] [--workers 2] [sentences ...]
+    python -m cipherbert.demo [--model-dir models] [--workers 2] [sentences ...]
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ SENTENCES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cipherbert.demo", description=__doc__.splitlines()[0])
     p.add_argument("--models-dir", default=str(REPO / "models"))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("sentences", nargs="*")
     args = p.parse_args(argv)
     from clients.sdk import CipherbertError, Client
-    from service.testing import start_server
+    from cipherbert.launch import start_server
     from service.worker import discover_models
 
     if not discover_models(args.models_dir):

@@ -1,4 +1,4 @@
-"""Encrypted vs plaintext agreement: `python -m he_models.agreement --n 200 [--workers 2]`.
+"""Encrypted vs plaintext agreement: `python -m bench.agreement --n 200 [--workers 2]`.
 
 Runs dev sentences (the grouped Rotten Tomatoes dev split) through the full encrypted protocol and
 through the plaintext HE-friendly PyTorch model, and writes bench/results/agreement.json with the label
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from he_models.bench import DEFAULT_MODEL, RESULTS, encrypted_run, machine_info
+from bench.engine import DEFAULT_MODEL, RESULTS, encrypted_run, machine_info
 
 _worker: dict = {}
 

@@ -3,7 +3,7 @@
 It is not the product: a real CKKS computation small enough for tests (N=4096) that exercises every
 part of the protocol the service and SDK drive: a public-context check, one masked refresh round, then
 encrypted logits. Model: logits = W (a * mean_i x_i) + b over a tiny hashed vocabulary.
-`make_toy_model(dir)` writes a model directory; `CIPHERBERT_ENGINE=service.toyengine:ToyEngine` loads it.
+`make_toy_model(dir)` writes a model directory; `CIPHERBERT_ENGINE=tests.support.toyengine:ToyEngine` loads it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ToyEngine:
         return cls(Path(model_dir), server_secret)
 
     def client_bundle(self) -> dict:
-        return {"model_id": self.model_id, "model_hash": self.model_hash, "client_module": "service.toyengine",
+        return {"model_id": self.model_id, "model_hash": self.model_hash, "client_module": "tests.support.toyengine",
                 "ckks": {"poly_modulus_degree": POLY_N, "coeff_mod_bit_sizes": COEFF_BITS,
                          "scale_bits": SCALE_BITS},
                 "galois_steps": [], "hidden_size": self.hidden, "max_tokens": self.max_tokens,

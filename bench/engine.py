@@ -1,4 +1,4 @@
-"""Engine benchmark: `python -m he_models.bench [--model DIR] [--reps 5]`.
+"""Engine benchmark: `python -m bench.engine [--model DIR] [--reps 5]`.
 
 Prints a table and writes bench/results/engine.json: end-to-end latency (client encrypt + server
 compute + refresh rounds + client decrypt, all in this process, no network), server-only compute,

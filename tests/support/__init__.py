@@ -1,0 +1,1 @@
+"""Test-only stand-ins and fixtures (never imported by product code)."""
