@@ -1,6 +1,6 @@
 """Where the service keeps what must outlive one request.
 
-Two implementations of one small interface:
+Two implementations of one small interface (service.contracts.Store):
 
 * `SQLiteStore` (default, embedded): SQLite in WAL mode under the data directory, with registered public
   contexts as files beside it (`keys/<key_id>.ctx`, mode 0600). Keys survive a restart; several
@@ -21,71 +21,35 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+from service.contracts import InferenceRecord, KeyRecord, Store
+
+__all__ = ["InferenceRecord", "KeyRecord", "RedisStore", "SQLiteStore", "Store", "StoreConfig", "StoreError",
+           "open_store"]
+
+T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
     """The backing store failed (not the client's fault): maps to 503."""
 
 
-@dataclass
-class KeyRecord:
-    key_id: str
-    tenant: str
-    model_id: str
-    created_at: float
-    expires_at: float
-    size: int
-    sha256: str
+@dataclass(frozen=True)
+class StoreConfig:
+    """Which store to open (picklable: the engine workers open their own)."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    data_dir: Path
+    redis_url: str | None = None
 
 
-@dataclass
-class InferenceRecord:
-    inference_id: str
-    tenant: str
-    key_id: str
-    model_id: str
-    round: int
-    digest: str
-    done: bool
-    created_at: float
-    expires_at: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Store:
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None: ...
-    def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def get_key_blob(self, key_id: str) -> bytes | None: ...
-    def list_keys(self, tenant: str) -> list[KeyRecord]: ...
-    def delete_key(self, key_id: str) -> bool: ...
-    def put_state(self, rec: InferenceRecord, state: bytes | None) -> None: ...
-    def peek_state(self, inference_id: str) -> InferenceRecord | None: ...
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None: ...
-    def delete_state(self, inference_id: str) -> bool: ...
-    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
-        """Count one request in the current fixed window; return (this window's count, the previous
-        window's count, now). The caller weighs them into a sliding-window estimate."""
-        ...
-
-    def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        """Take back a counted request that was refused (refusals do not use up the allowance)."""
-        ...
-
-    def ping(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-def open_store(config: dict) -> Store:
-    if config.get("redis_url"):
-        return RedisStore(config["redis_url"])
-    return SQLiteStore(Path(config["data_dir"]))
+def open_store(config: StoreConfig) -> Store:
+    if config.redis_url:
+        return RedisStore(config.redis_url)
+    return SQLiteStore(Path(config.data_dir))
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
@@ -103,7 +67,7 @@ CREATE TABLE IF NOT EXISTS counters (bucket TEXT PRIMARY KEY, count INTEGER NOT 
 """
 
 
-class SQLiteStore(Store):
+class SQLiteStore:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.keys_dir = self.data_dir / "keys"
@@ -125,7 +89,7 @@ class SQLiteStore(Store):
             self._local.conn = conn
         return conn
 
-    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _exec(self, sql: str, args: tuple = ()) -> list[Any]:
         try:
             return self._conn().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -239,7 +203,7 @@ return false
 """
 
 
-class RedisStore(Store):
+class RedisStore:
     prefix = "cb:"
 
     def __init__(self, url: str) -> None:
@@ -250,7 +214,7 @@ class RedisStore(Store):
                                       health_check_interval=30)
         self._take = self.r.register_script(_TAKE_LUA)
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except self._redis_mod.RedisError as exc:

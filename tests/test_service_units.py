@@ -28,13 +28,13 @@ def test_api_keys_and_rate_limit_parsing():
 def test_secret_is_created_once_and_shared(tmp_path, monkeypatch):
     monkeypatch.delenv("CIPHERBERT_SECRET", raising=False)
     monkeypatch.setenv("CIPHERBERT_API_KEYS", "t:key-12345678")
-    a = Settings(data_dir=tmp_path).finalize()
-    b = Settings(data_dir=tmp_path).finalize()
+    a = Settings(data_dir=tmp_path).resolve()
+    b = Settings(data_dir=tmp_path).resolve()
     assert a.secret == b.secret and len(a.secret) == 32
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
     assert a.subkey("round-token") != a.subkey("engine-mask")
     monkeypatch.setenv("CIPHERBERT_SECRET", "x" * 32)
-    assert Settings(data_dir=tmp_path).finalize().secret == b"x" * 32
+    assert Settings(data_dir=tmp_path).resolve().secret == b"x" * 32
 
 
 def test_round_token_binds_every_field():
