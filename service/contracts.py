@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # at run time the API process imports it only when it unpickles the first result
     from he_models.engine import StepOutput
@@ -91,6 +91,7 @@ class InferenceRecord:
         return asdict(self)
 
 
+@runtime_checkable
 class Store(Protocol):
     """What must outlive one request: keys, the pending round of each inference, rate-limit counters.
 
