@@ -37,9 +37,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await svc.stop()
 
     app = FastAPI(
-        title="cipherbert", version="0.1.0", lifespan=lifespan,
+        title="cipherbert",
+        version="0.1.0",
+        lifespan=lifespan,
         description="Encrypted text classification: CKKS ciphertexts in, encrypted logits out. "
-                    "The server never holds a secret key. See docs/service.md.",
+        "The server never holds a secret key. See docs/service.md.",
     )
     app.state.service = svc
     app.middleware("http")(_observer(svc))

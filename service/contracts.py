@@ -41,8 +41,15 @@ class Engine(Protocol):
 
     def start(self, ctx: Any, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput: ...
 
-    def resume(self, ctx: Any, state: bytes, replies: list[bytes], *, inference_id: str | None = None,
-               round_no: int | None = None) -> StepOutput: ...
+    def resume(
+        self,
+        ctx: Any,
+        state: bytes,
+        replies: list[bytes],
+        *,
+        inference_id: str | None = None,
+        round_no: int | None = None,
+    ) -> StepOutput: ...
 
 
 class EngineClass(Protocol):

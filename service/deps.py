@@ -25,12 +25,14 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def tenant_of(request: Request, svc: ServiceDep,
-                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+async def tenant_of(
+    request: Request, svc: ServiceDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
     """The tenant that owns the bearer API key (401 without a known key)."""
     if creds is None or not creds.credentials:
-        raise ApiError(401, "unauthorized", "missing bearer API key (Authorization: Bearer <key>)",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", "missing bearer API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
+        )
     tenant = svc.settings.api_keys.get(creds.credentials)
     if tenant is None:
         raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})

@@ -77,8 +77,11 @@ class Service:
     # pool -----------------------------------------------------------------------------------------
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.settings.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker.init, initargs=(self.settings.worker_config(),))
+            max_workers=self.settings.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=worker.init,
+            initargs=(self.settings.worker_config(),),
+        )
 
     async def start(self) -> None:
         self.pool = self._new_pool()
@@ -91,15 +94,20 @@ class Service:
             pids: set[int] = set()
             deadline = time.time() + WARM_UP_DEADLINE_S
             while len(pids) < self.settings.workers and time.time() < deadline:
-                pids |= set(await asyncio.gather(*(loop.run_in_executor(self.pool, worker.ping)
-                                                   for _ in range(self.settings.workers))))
+                pids |= set(
+                    await asyncio.gather(
+                        *(loop.run_in_executor(self.pool, worker.ping) for _ in range(self.settings.workers))
+                    )
+                )
             info = await loop.run_in_executor(self.pool, worker.describe)
             self.models = {model_id: ServedModel.from_info(m) for model_id, m in info.models.items()}
             self.model_errors = info.errors
             if not self.models:
                 self.not_ready_reason = "no model loaded" + (
-                    f": {self.model_errors}" if self.model_errors else
-                    f" (no model directory with config.json under {self.settings.models_dir})")
+                    f": {self.model_errors}"
+                    if self.model_errors
+                    else f" (no model directory with config.json under {self.settings.models_dir})"
+                )
                 log.error(self.not_ready_reason)
                 return
             self.ready = True
@@ -138,11 +146,20 @@ class Service:
         if self.inflight >= self.settings.max_inflight:
             # Saturation is back-pressure, not a server failure: 429 + Retry-After (503 is kept for
             # "not ready", a restarting pool and an unavailable store).
-            raise ApiError(429, "busy", f"all {self.settings.max_inflight} engine slots of this replica are "
-                           "busy; retry later", {"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "busy",
+                f"all {self.settings.max_inflight} engine slots of this replica are busy; retry later",
+                {"Retry-After": "1"},
+            )
         if self.tenant_inflight.get(tenant, 0) >= self.settings.tenant_inflight:
-            raise ApiError(429, "tenant_busy", f"tenant already has {self.settings.tenant_inflight} engine jobs "
-                           "in flight on this replica; retry later", {"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "tenant_busy",
+                f"tenant already has {self.settings.tenant_inflight} engine jobs "
+                "in flight on this replica; retry later",
+                {"Retry-After": "1"},
+            )
 
     @contextmanager
     def _engine_slot(self, tenant: str, op: str) -> Iterator[None]:
@@ -174,16 +191,21 @@ class Service:
             except BrokenProcessPool:
                 log.error("engine pool broke during %s; restarting it", op)
                 self._restart_pool()
-                raise ApiError(503, "engine_restarting", "an engine worker died; the pool is restarting, retry",
-                               {"Retry-After": "5"}) from None
+                raise ApiError(
+                    503,
+                    "engine_restarting",
+                    "an engine worker died; the pool is restarting, retry",
+                    {"Retry-After": "5"},
+                ) from None
             except worker.UnknownKey as exc:
                 raise ApiError(404, "unknown_key", str(exc)) from None
             except ClientInputError as exc:
                 raise ApiError(400, "rejected_by_engine", f"{type(exc).__name__}: {exc}") from None
             except StoreError as exc:
                 log.error("store failure in an engine worker: %s", exc)
-                raise ApiError(503, "store_unavailable", "the key/state store is unavailable; retry later",
-                               {"Retry-After": "2"}) from None
+                raise ApiError(
+                    503, "store_unavailable", "the key/state store is unavailable; retry later", {"Retry-After": "2"}
+                ) from None
             except Exception as exc:
                 log.exception("engine %s failed", op)
                 raise ApiError(500, "internal", f"internal error in the engine ({type(exc).__name__})") from None
@@ -194,8 +216,9 @@ class Service:
             return await asyncio.to_thread(fn, *args)
         except StoreError as exc:
             log.error("store failure: %s", exc)
-            raise ApiError(503, "store_unavailable", "the key/state store is unavailable; retry later",
-                           {"Retry-After": "2"}) from None
+            raise ApiError(
+                503, "store_unavailable", "the key/state store is unavailable; retry later", {"Retry-After": "2"}
+            ) from None
 
     async def rate_limit(self, tenant: str, what: str) -> None:
         limit, window = self.settings.rate_limit
@@ -212,8 +235,12 @@ class Service:
                 retry = window - (now % window)
             else:  # until the previous window's weight has decayed enough
                 retry = min(window - (now % window), (estimate - limit) / previous * window)
-            raise ApiError(429, "rate_limited", f"tenant rate limit of {limit} requests per {window}s reached "
-                           f"({what})", {"Retry-After": str(max(1, int(retry + 0.999)))})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"tenant rate limit of {limit} requests per {window}s reached ({what})",
+                {"Retry-After": str(max(1, int(retry + 0.999)))},
+            )
 
     def model(self, model_id: str) -> ServedModel:
         self.require_ready()

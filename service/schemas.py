@@ -56,9 +56,11 @@ BINARY = {"schema": {"type": "string", "format": "binary"}}
 FRAMES_BODY: dict[str, Any] = {"required": True, "content": {"application/octet-stream": BINARY}}
 
 ENVELOPE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "CBF1 frame set: frame 0 is a JSON header {inference_id, round, done, kind, meta, "
-                         "round_token, ...}; frames 1.. are ciphertexts (a refresh round or the encrypted logits)",
-          "content": {FRAMES_MEDIA_TYPE: BINARY}},
+    200: {
+        "description": "CBF1 frame set: frame 0 is a JSON header {inference_id, round, done, kind, meta, "
+        "round_token, ...}; frames 1.. are ciphertexts (a refresh round or the encrypted logits)",
+        "content": {FRAMES_MEDIA_TYPE: BINARY},
+    },
     **ERRORS,
 }
 
@@ -66,5 +68,9 @@ ENVELOPE_RESPONSE: dict[int | str, dict[str, Any]] = {
 def multipart_body(required: list[str], **properties: dict[str, str]) -> dict[str, Any]:
     """An OpenAPI requestBody: raw octet-stream, or multipart/form-data with these fields."""
     schema = {"type": "object", "required": required, "properties": properties}
-    return {"requestBody": {"required": True, "content": {
-        **FRAMES_BODY["content"], "multipart/form-data": {"schema": schema}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {**FRAMES_BODY["content"], "multipart/form-data": {"schema": schema}},
+        }
+    }

@@ -90,14 +90,14 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-def _doc(description: str, *, cli: str | None = None, shown_default: str | None = None) -> dict[str, Any]:
+def _meta(*, cli: str | None = None, shown_default: str | None = None) -> dict[str, Any]:
     """Field metadata for the documentation table: the CLI flag and a default written for people."""
     extra: dict[str, Any] = {}
     if cli:
         extra["cli"] = cli
     if shown_default is not None:
         extra["shown_default"] = shown_default
-    return {"description": description, "json_schema_extra": extra or None}
+    return extra
 
 
 MIB = 1 << 20
@@ -108,52 +108,127 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid")
 
-    data_dir: Path = Field(Path("data/service"), **_doc("embedded store, key files, secret", cli="--data-dir"))
-    models_dir: Path = Field(REPO_ROOT / "models", **_doc(
-        "directory whose subdirectories are model directories", cli="--models-dir", shown_default="./models"))
-    models: Annotated[list[str], NoDecode] = Field(default_factory=list, **_doc(
-        "comma-separated model directory names to load", cli="--model", shown_default="all found"))
-    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False, **_doc(
-        "comma-separated `tenant:key` pairs (keys of 8+ characters); with none configured anywhere, a "
-        "development key is written to `<data-dir>/api_keys`", shown_default="none"))
-    api_keys_file: Path | None = Field(None, **_doc(
-        "file with one `tenant:key` per line, or a JSON object {tenant: key or [keys]}; adds to `CIPHERBERT_API_KEYS` (the `--api-keys` flag replaces them)",
-        cli="--api-keys", shown_default="none"))
-    secret: bytes | None = Field(None, repr=False, **_doc(
-        "server secret (16+ bytes), the same on every replica", shown_default="`<data-dir>/secret`, created 0600"))
-    redis_url: str | None = Field(None, **_doc(
-        "`redis://...`: keep keys and rounds in Redis (replicas) instead of the embedded store",
-        cli="--redis-url", shown_default="embedded"))
-    workers: int = Field(2, ge=1, **_doc("engine processes per replica (concurrent queries)", cli="--workers"))
-    engine_workers: int = Field(1, ge=1, **_doc(
-        "processes inside one query (the engine's forked assistant); `--workers 1 --engine-workers 2` "
-        "favours latency, `--workers 2` throughput", cli="--engine-workers"))
-    warm_tokens: Annotated[list[int], NoDecode] = Field(default_factory=list, **_doc(
-        "token blocks whose kernels each worker encodes at start, e.g. `32,64`; others are encoded on "
-        "first use (seconds)", shown_default="engine default (32)"))
-    max_inflight: int = Field(0, ge=0, **_doc(
-        "engine jobs queued or running per replica, then 429 + Retry-After", cli="--max-inflight",
-        shown_default="0 = max(8, 4 x workers)"))
-    tenant_inflight: int = Field(0, ge=0, **_doc(
-        "per-tenant share of those engine slots", shown_default="0 = max inflight"))
-    rate_limit: Annotated[tuple[int, int], NoDecode] = Field((600, 60), **_doc(
-        "per-tenant new inferences + key registrations, `N/SECONDS` (`off` disables); a sliding-window "
-        "estimate (this window's count + the previous window's, weighted by overlap) kept in the store, so shared by every replica using it; refused requests do not use up "
-        "the allowance; rounds of a started inference are never rate limited",
-        cli="--rate-limit", shown_default="600/60"))
-    key_ttl_s: int = Field(7 * 24 * 3600, gt=0, **_doc("lifetime of a registered evaluation key, seconds",
-                                                        cli="--key-ttl"))
-    inference_ttl_s: int = Field(600, gt=0, **_doc("how long a pending round waits for the client's reply, seconds"))
-    max_key_bytes: int = Field(256 * MIB, gt=0, **_doc("largest public-context upload (413 above)",
-                                                        shown_default="268435456 (256 MiB)"))
-    max_frames_bytes: int = Field(64 * MIB, gt=0, **_doc("largest ciphertext upload per request (413 above)",
-                                                          shown_default="67108864 (64 MiB)"))
-    max_frames: int = Field(512, gt=0, **_doc("most ciphertext frames per request"))
-    ctx_cache: int = Field(4, ge=1, **_doc("parsed evaluation contexts cached per worker process (LRU, each ~20-40 MB)"))
-    engine: str = Field("he_models.engine:EncryptedEngine", **_doc(
-        "engine class `module:Class` the workers load (tests use a stand-in)", cli="--engine"))
-    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", **_doc(
-        "name in the X-Cipherbert-Replica header and the logs", cli="--replica-id", shown_default="host:pid"))
+    data_dir: Path = Field(
+        Path("data/service"), description="embedded store, key files, secret", json_schema_extra=_meta(cli="--data-dir")
+    )
+    models_dir: Path = Field(
+        REPO_ROOT / "models",
+        description="directory whose subdirectories are model directories",
+        json_schema_extra=_meta(cli="--models-dir", shown_default="./models"),
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated model directory names to load",
+        json_schema_extra=_meta(cli="--model", shown_default="all found"),
+    )
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        repr=False,
+        description=(
+            "comma-separated `tenant:key` pairs (keys of 8+ characters); with none configured anywhere, a "
+            "development key is written to `<data-dir>/api_keys`"
+        ),
+        json_schema_extra=_meta(shown_default="none"),
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description=(
+            "file with one `tenant:key` per line, or a JSON object {tenant: key or [keys]}; adds to "
+            "`CIPHERBERT_API_KEYS` (the `--api-keys` flag replaces them)"
+        ),
+        json_schema_extra=_meta(cli="--api-keys", shown_default="none"),
+    )
+    secret: bytes | None = Field(
+        None,
+        repr=False,
+        description="server secret (16+ bytes), the same on every replica",
+        json_schema_extra=_meta(shown_default="`<data-dir>/secret`, created 0600"),
+    )
+    redis_url: str | None = Field(
+        None,
+        description="`redis://...`: keep keys and rounds in Redis (replicas) instead of the embedded store",
+        json_schema_extra=_meta(cli="--redis-url", shown_default="embedded"),
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        description="engine processes per replica (concurrent queries)",
+        json_schema_extra=_meta(cli="--workers"),
+    )
+    engine_workers: int = Field(
+        1,
+        ge=1,
+        description=(
+            "processes inside one query (the engine's forked assistant); `--workers 1 --engine-workers 2` favours"
+            " latency, `--workers 2` throughput"
+        ),
+        json_schema_extra=_meta(cli="--engine-workers"),
+    )
+    warm_tokens: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "token blocks whose kernels each worker encodes at start, e.g. `32,64`; others are encoded on first "
+            "use (seconds)"
+        ),
+        json_schema_extra=_meta(shown_default="engine default (32)"),
+    )
+    max_inflight: int = Field(
+        0,
+        ge=0,
+        description="engine jobs queued or running per replica, then 429 + Retry-After",
+        json_schema_extra=_meta(cli="--max-inflight", shown_default="0 = max(8, 4 x workers)"),
+    )
+    tenant_inflight: int = Field(
+        0,
+        ge=0,
+        description="per-tenant share of those engine slots",
+        json_schema_extra=_meta(shown_default="0 = max inflight"),
+    )
+    rate_limit: Annotated[tuple[int, int], NoDecode] = Field(
+        (600, 60),
+        description=(
+            "per-tenant new inferences + key registrations, `N/SECONDS` (`off` disables); a sliding-window "
+            "estimate (this window's count + the previous window's, weighted by overlap) kept in the store, so "
+            "shared by every replica using it; refused requests do not use up the allowance; rounds of a started "
+            "inference are never rate limited"
+        ),
+        json_schema_extra=_meta(cli="--rate-limit", shown_default="600/60"),
+    )
+    key_ttl_s: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="lifetime of a registered evaluation key, seconds",
+        json_schema_extra=_meta(cli="--key-ttl"),
+    )
+    inference_ttl_s: int = Field(
+        600, gt=0, description="how long a pending round waits for the client's reply, seconds"
+    )
+    max_key_bytes: int = Field(
+        256 * MIB,
+        gt=0,
+        description="largest public-context upload (413 above)",
+        json_schema_extra=_meta(shown_default="268435456 (256 MiB)"),
+    )
+    max_frames_bytes: int = Field(
+        64 * MIB,
+        gt=0,
+        description="largest ciphertext upload per request (413 above)",
+        json_schema_extra=_meta(shown_default="67108864 (64 MiB)"),
+    )
+    max_frames: int = Field(512, gt=0, description="most ciphertext frames per request")
+    ctx_cache: int = Field(
+        4, ge=1, description="parsed evaluation contexts cached per worker process (LRU, each ~20-40 MB)"
+    )
+    engine: str = Field(
+        "he_models.engine:EncryptedEngine",
+        description="engine class `module:Class` the workers load (tests use a stand-in)",
+        json_schema_extra=_meta(cli="--engine"),
+    )
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
+        description="name in the X-Cipherbert-Replica header and the logs",
+        json_schema_extra=_meta(cli="--replica-id", shown_default="host:pid"),
+    )
 
     _generated_keys_file: Path | None = PrivateAttr(None)
 
@@ -191,9 +266,14 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         max_inflight = self.max_inflight or max(8, 4 * self.workers)
         keys, generated = self._resolve_api_keys()
-        resolved = self.model_copy(update={
-            "api_keys": keys, "secret": self._resolve_secret(), "max_inflight": max_inflight,
-            "tenant_inflight": self.tenant_inflight or max_inflight})
+        resolved = self.model_copy(
+            update={
+                "api_keys": keys,
+                "secret": self._resolve_secret(),
+                "max_inflight": max_inflight,
+                "tenant_inflight": self.tenant_inflight or max_inflight,
+            }
+        )
         resolved._generated_keys_file = generated
         return resolved
 
@@ -240,10 +320,16 @@ class Settings(BaseSettings):
 
     def worker_config(self) -> WorkerConfig:
         """The picklable part the engine worker processes need."""
-        return WorkerConfig(models_dir=self.models_dir, models=list(self.models), engine=self.engine,
-                            engine_secret=self.subkey("engine-mask"), store=self.store_config(),
-                            ctx_cache=self.ctx_cache, warm_tokens=list(self.warm_tokens),
-                            engine_workers=self.engine_workers)
+        return WorkerConfig(
+            models_dir=self.models_dir,
+            models=list(self.models),
+            engine=self.engine,
+            engine_secret=self.subkey("engine-mask"),
+            store=self.store_config(),
+            ctx_cache=self.ctx_cache,
+            warm_tokens=list(self.warm_tokens),
+            engine_workers=self.engine_workers,
+        )
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(data_dir=self.data_dir, redis_url=self.redis_url)
@@ -321,9 +407,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _type_name(annotation: Any) -> str:
-    names = {"Path": "path", "Path | None": "path", "str | None": "string", "str": "string", "int": "integer",
-             "bytes | None": "string", "list[str]": "list of names", "list[int]": "list of integers",
-             "dict[str, str]": "`tenant:key` list", "tuple[int, int]": "`N/SECONDS`"}
+    names = {
+        "Path": "path",
+        "Path | None": "path",
+        "str | None": "string",
+        "str": "string",
+        "int": "integer",
+        "bytes | None": "string",
+        "list[str]": "list of names",
+        "list[int]": "list of integers",
+        "dict[str, str]": "`tenant:key` list",
+        "tuple[int, int]": "`N/SECONDS`",
+    }
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("pathlib.", "").replace("typing.", "")
     return names.get(text, text)

@@ -24,14 +24,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from service.contracts import InferenceRecord, KeyRecord, Store
 
-__all__ = ["InferenceRecord", "KeyRecord", "RedisStore", "SQLiteStore", "Store", "StoreConfig", "StoreError",
-           "open_store"]
-
-T = TypeVar("T")
+__all__ = [
+    "InferenceRecord",
+    "KeyRecord",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "StoreConfig",
+    "StoreError",
+    "open_store",
+]
 
 
 class StoreError(RuntimeError):
@@ -113,8 +119,10 @@ class SQLiteStore:
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
         os.replace(tmp, path)
-        self._exec("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
-                   (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256))
+        self._exec(
+            "INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
+            (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256),
+        )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         rows = self._exec("SELECT * FROM keys WHERE key_id = ? AND expires_at > ?", (key_id, time.time()))
@@ -129,8 +137,9 @@ class SQLiteStore:
             return None
 
     def list_keys(self, tenant: str) -> list[KeyRecord]:
-        rows = self._exec("SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at",
-                          (tenant, time.time()))
+        rows = self._exec(
+            "SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at", (tenant, time.time())
+        )
         return [KeyRecord(*row) for row in rows]
 
     def delete_key(self, key_id: str) -> bool:
@@ -140,14 +149,28 @@ class SQLiteStore:
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         self._purge()
-        self._exec("INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   (rec.inference_id, rec.tenant, rec.key_id, rec.model_id, rec.round, rec.digest,
-                    int(rec.done), rec.created_at, rec.expires_at, state))
+        self._exec(
+            "INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.inference_id,
+                rec.tenant,
+                rec.key_id,
+                rec.model_id,
+                rec.round,
+                rec.digest,
+                int(rec.done),
+                rec.created_at,
+                rec.expires_at,
+                state,
+            ),
+        )
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
         rows = self._exec(
             "SELECT inference_id, tenant, key_id, model_id, round, digest, done, created_at, expires_at "
-            "FROM inferences WHERE inference_id = ? AND expires_at > ?", (inference_id, time.time()))
+            "FROM inferences WHERE inference_id = ? AND expires_at > ?",
+            (inference_id, time.time()),
+        )
         if not rows:
             return None
         row = list(rows[0])
@@ -158,26 +181,30 @@ class SQLiteStore:
         # One statement: atomic against any other process sharing the database.
         rows = self._exec(
             "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
-            "AND expires_at > ? RETURNING state", (inference_id, round, digest, time.time()))
+            "AND expires_at > ? RETURNING state",
+            (inference_id, round, digest, time.time()),
+        )
         return rows[0][0] if rows else None
 
     def delete_state(self, inference_id: str) -> bool:
-        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id",
-                               (inference_id,)))
+        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id", (inference_id,)))
 
     def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
         now = time.time()
         window = int(now // window_s)
         expires = (window + 2) * window_s  # kept one extra window: it is the next one's "previous"
         rows = self._exec(
-            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 "
-            "RETURNING count", (f"{bucket}:{window}", expires))
+            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 RETURNING count",
+            (f"{bucket}:{window}", expires),
+        )
         prev = self._exec("SELECT count FROM counters WHERE bucket = ?", (f"{bucket}:{window - 1}",))
         return int(rows[0][0]), int(prev[0][0]) if prev else 0, now
 
     def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        self._exec("UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
-                   (f"{bucket}:{int(now // window_s)}",))
+        self._exec(
+            "UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
+            (f"{bucket}:{int(now // window_s)}",),
+        )
 
     def ping(self) -> bool:
         self._exec("SELECT 1")
@@ -210,11 +237,11 @@ class RedisStore:
         import redis
 
         self._redis_mod = redis
-        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                      health_check_interval=30)
+        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
         self._take = self.r.register_script(_TAKE_LUA)
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call redis-py (its replies are untyped: bytes, ints, lists) and map its errors to StoreError."""
         try:
             return fn(*args, **kwargs)
         except self._redis_mod.RedisError as exc:
@@ -257,7 +284,9 @@ class RedisStore:
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         key = f"{self.prefix}inf:{rec.inference_id}"
-        mapping = {k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()}
+        mapping: dict[Any, str | bytes] = {
+            k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()
+        }
         if state is not None:
             mapping["state"] = state
         pipe = self.r.pipeline(transaction=True)
@@ -267,14 +296,22 @@ class RedisStore:
         self._call(pipe.execute)
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
-        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done",
-                  "created_at", "expires_at"]
+        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done", "created_at", "expires_at"]
         vals = self._call(self.r.hmget, f"{self.prefix}inf:{inference_id}", fields)
         if vals[0] is None:
             return None
-        d = dict(zip(fields, (v.decode() for v in vals)))
-        rec = InferenceRecord(d["inference_id"], d["tenant"], d["key_id"], d["model_id"], int(d["round"]),
-                              d["digest"], d["done"] == "1", float(d["created_at"]), float(d["expires_at"]))
+        d = dict(zip(fields, (v.decode() for v in vals), strict=True))
+        rec = InferenceRecord(
+            d["inference_id"],
+            d["tenant"],
+            d["key_id"],
+            d["model_id"],
+            int(d["round"]),
+            d["digest"],
+            d["done"] == "1",
+            float(d["created_at"]),
+            float(d["expires_at"]),
+        )
         return rec if rec.expires_at > time.time() else None
 
     def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:

@@ -51,8 +51,9 @@ async def binary_input(request: Request, limit: int, what: str, file_field: str)
         return await _multipart(request, limit, file_field)
     if ctype in ("application/octet-stream", FRAMES_MEDIA_TYPE, ""):
         return body, {}
-    raise ApiError(415, "unsupported_media_type",
-                   f"send {what} as application/octet-stream or multipart/form-data, not {ctype!r}")
+    raise ApiError(
+        415, "unsupported_media_type", f"send {what} as application/octet-stream or multipart/form-data, not {ctype!r}"
+    )
 
 
 def param(request: Request, fields: dict[str, str], name: str) -> str:

@@ -135,8 +135,9 @@ def init(config: WorkerConfig) -> None:
             engines[engine.model_id] = engine
         except Exception as exc:  # a broken model directory must not take the others down
             errors[model_dir.name] = f"{type(exc).__name__}: {exc}"
-    _STATE = _WorkerState(engines=engines, errors=errors, store=open_store(config.store),
-                          cache_size=max(1, config.ctx_cache))
+    _STATE = _WorkerState(
+        engines=engines, errors=errors, store=open_store(config.store), cache_size=max(1, config.ctx_cache)
+    )
 
 
 def _state() -> _WorkerState:
@@ -150,8 +151,13 @@ def describe() -> PoolInfo:
     models = {}
     for model_id, engine in state.engines.items():
         files = [BundleFile(name, str(path)) for name, path in sorted(engine.client_bundle_files().items())]
-        models[model_id] = ModelInfo(model_id=model_id, bundle=engine.client_bundle(), files=files,
-                                     model_hash=engine.model_hash, max_tokens=int(engine.max_tokens))
+        models[model_id] = ModelInfo(
+            model_id=model_id,
+            bundle=engine.client_bundle(),
+            files=files,
+            model_hash=engine.model_hash,
+            max_tokens=int(engine.max_tokens),
+        )
     return PoolInfo(pid=os.getpid(), models=models, errors=dict(state.errors))
 
 
@@ -197,8 +203,9 @@ def validate_key(model_id: str, key_id: str, blob: bytes) -> float:
 
 
 def _result(out: StepOutput, t0: float, loaded: bool) -> StepResult:
-    step = dataclasses.replace(out, round=int(out.round), done=bool(out.done), to_client=list(out.to_client),
-                               meta=dict(out.meta or {}))
+    step = dataclasses.replace(
+        out, round=int(out.round), done=bool(out.done), to_client=list(out.to_client), meta=dict(out.meta or {})
+    )
     return StepResult(step=step, seconds=time.perf_counter() - t0, context_loaded=loaded, pid=os.getpid())
 
 
@@ -208,8 +215,9 @@ def start(model_id: str, key_id: str, inference_id: str, n_tokens: int, frames: 
     return _result(_engine(model_id).start(ctx, inference_id, n_tokens, frames), t0, loaded)
 
 
-def resume(model_id: str, key_id: str, state: bytes, frames: list[bytes], inference_id: str,
-           round_no: int) -> StepResult:
+def resume(
+    model_id: str, key_id: str, state: bytes, frames: list[bytes], inference_id: str, round_no: int
+) -> StepResult:
     """inference_id and round_no come from the verified round token: the engine checks the state agrees."""
     t0 = time.perf_counter()
     ctx, loaded = _context(model_id, key_id)

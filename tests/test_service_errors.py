@@ -8,7 +8,7 @@ from cipherbert.launch import start_server
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
 from tests.support.faultyengine import BUG_MARKER
-from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model, answer_round
+from tests.support.toyengine import ClientKeys, Embedder, answer_round, encrypt_embeddings, make_toy_model
 
 KEY = "acme-key-0001"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -19,9 +19,14 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("errors")
     models = tmp / "models"
     make_toy_model(models)
-    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models,
-                        engine="tests.support.faultyengine:FaultyToyEngine", workers=1,
-                        env={"CIPHERBERT_RATE_LIMIT": "off"})
+    proc = start_server(
+        tmp,
+        api_keys=f"acme:{KEY}",
+        models_dir=models,
+        engine="tests.support.faultyengine:FaultyToyEngine",
+        workers=1,
+        env={"CIPHERBERT_RATE_LIMIT": "off"},
+    )
     proc.extra["models"] = models
     yield proc
     proc.stop()
@@ -37,9 +42,13 @@ def session(server):
 
 
 def start(server, key_id, frames):
-    return httpx.post(f"{server.url}/v1/inferences", params={"model": "toy", "key_id": key_id,
-                                                              "n_tokens": len(frames)},
-                      content=pack_frames(frames), headers=H, timeout=60)
+    return httpx.post(
+        f"{server.url}/v1/inferences",
+        params={"model": "toy", "key_id": key_id, "n_tokens": len(frames)},
+        content=pack_frames(frames),
+        headers=H,
+        timeout=60,
+    )
 
 
 def classify(server, keys, key_id, embedder, text="a fine film"):
@@ -48,9 +57,12 @@ def classify(server, keys, key_id, embedder, text="a fine film"):
     assert r.status_code == 200, r.text
     header, frames = unpack_envelope(r.content)
     while not header["done"]:
-        r = httpx.post(f"{server.url}/v1/inferences/{header['inference_id']}/rounds/{header['round']}",
-                       content=pack_frames(answer_round(keys, header["kind"], header["meta"], frames)),
-                       headers={**H, "X-Cipherbert-Round-Token": header["round_token"]}, timeout=60)
+        r = httpx.post(
+            f"{server.url}/v1/inferences/{header['inference_id']}/rounds/{header['round']}",
+            content=pack_frames(answer_round(keys, header["kind"], header["meta"], frames)),
+            headers={**H, "X-Cipherbert-Round-Token": header["round_token"]},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         header, frames = unpack_envelope(r.content)
     return header
@@ -78,8 +90,9 @@ def test_unexpected_error_in_resume_is_500_and_the_round_stays_answerable(server
     r = httpx.post(url, content=pack_frames([BUG_MARKER]), headers=rh, timeout=60)
     assert r.status_code == 500 and r.json()["error"] == "internal", r.text
     # a server error is not the client's fault: the same round can be answered properly
-    r = httpx.post(url, content=pack_frames(answer_round(keys, header["kind"], header["meta"], frames)),
-                   headers=rh, timeout=60)
+    r = httpx.post(
+        url, content=pack_frames(answer_round(keys, header["kind"], header["meta"], frames)), headers=rh, timeout=60
+    )
     assert r.status_code == 200, r.text
     assert unpack_envelope(r.content)[0]["done"]
     assert "planted bug in resume" in server.log.read_text()

@@ -13,8 +13,13 @@ from cipherbert.launch import free_port, have, start_redis
 from service.contracts import Store
 from service.store import InferenceRecord, KeyRecord, RedisStore, SQLiteStore, StoreConfig, StoreError, open_store
 
-BACKENDS = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(
-    not have("redis-server"), reason="redis-server not installed (make system-deps)"))]
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "redis",
+        marks=pytest.mark.skipif(not have("redis-server"), reason="redis-server not installed (make system-deps)"),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,21 @@ def inference(inference_id="i_1", round=1, digest="d1", done=False, ttl=60.0):
     return InferenceRecord(inference_id, "acme", "k_1", "toy", round, digest, done, now, now + ttl)
 
 
-COVERED = {"put_key", "get_key", "get_key_blob", "list_keys", "delete_key", "put_state", "peek_state", "take_state",
-           "delete_state", "hit", "unhit", "ping", "close"}
+COVERED = {
+    "put_key",
+    "get_key",
+    "get_key_blob",
+    "list_keys",
+    "delete_key",
+    "put_state",
+    "peek_state",
+    "take_state",
+    "delete_state",
+    "hit",
+    "unhit",
+    "ping",
+    "close",
+}
 
 
 def test_the_protocol_is_what_these_tests_cover(store):

@@ -26,33 +26,60 @@ from service.uploads import binary_input, param, unpack
 router = APIRouter(prefix="/inferences", tags=["inference"])
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
-START_BODY = multipart_body(["frames"], frames={"type": "string", "format": "binary"}, model={"type": "string"},
-                            key_id={"type": "string"}, n_tokens={"type": "integer"})
+START_BODY = multipart_body(
+    ["frames"],
+    frames={"type": "string", "format": "binary"},
+    model={"type": "string"},
+    key_id={"type": "string"},
+    n_tokens={"type": "integer"},
+)
 
 
-def envelope_response(svc: Service, key_id: str, model_id: str, result: StepResult,
-                      round_tok: str | None) -> Response:
+def envelope_response(svc: Service, key_id: str, model_id: str, result: StepResult, round_tok: str | None) -> Response:
     step = result.step
-    header = {"inference_id": step.inference_id, "round": step.round, "done": step.done, "kind": step.kind,
-              "meta": step.meta, "round_token": round_tok, "model_id": model_id, "key_id": key_id,
-              "server_s": round(result.seconds, 6), "replica": svc.settings.replica_id}
+    header = {
+        "inference_id": step.inference_id,
+        "round": step.round,
+        "done": step.done,
+        "kind": step.kind,
+        "meta": step.meta,
+        "round_token": round_tok,
+        "model_id": model_id,
+        "key_id": key_id,
+        "server_s": round(result.seconds, 6),
+        "replica": svc.settings.replica_id,
+    }
     body = pack_envelope(header, step.to_client)
     svc.metrics.bytes.labels("out", "ciphertext").inc(len(body))
-    headers = {"X-Cipherbert-Inference": step.inference_id, "X-Cipherbert-Round": str(step.round),
-               "X-Cipherbert-Done": "true" if step.done else "false",
-               "X-Cipherbert-Server-Seconds": f"{result.seconds:.6f}", "Cache-Control": "no-store"}
+    headers = {
+        "X-Cipherbert-Inference": step.inference_id,
+        "X-Cipherbert-Round": str(step.round),
+        "X-Cipherbert-Done": "true" if step.done else "false",
+        "X-Cipherbert-Server-Seconds": f"{result.seconds:.6f}",
+        "Cache-Control": "no-store",
+    }
     if round_tok:
         headers[ROUND_TOKEN_HEADER] = round_tok
     return Response(body, media_type=FRAMES_MEDIA_TYPE, headers=headers)
 
 
-async def record_step(svc: Service, tenant: str, key_id: str, model_id: str, result: StepResult,
-                      created_at: float) -> str | None:
+async def record_step(
+    svc: Service, tenant: str, key_id: str, model_id: str, result: StepResult, created_at: float
+) -> str | None:
     """Store the engine's state for the next round (or a tombstone when done); return the round token."""
     step = result.step
     digest = frames_digest(step.to_client)
-    rec = InferenceRecord(step.inference_id, tenant, key_id, model_id, step.round, digest, step.done,
-                          created_at, time.time() + svc.settings.inference_ttl_s)
+    rec = InferenceRecord(
+        step.inference_id,
+        tenant,
+        key_id,
+        model_id,
+        step.round,
+        digest,
+        step.done,
+        created_at,
+        time.time() + svc.settings.inference_ttl_s,
+    )
     await svc.db(svc.store.put_state, rec, None if step.done else step.state)
     svc.metrics.rounds.labels(model_id, step.kind).inc()
     if result.context_loaded:
@@ -71,10 +98,14 @@ def token_count(raw: str) -> int:
 
 
 @router.post("", response_class=Response, responses=ENVELOPE_RESPONSE, openapi_extra=START_BODY)
-async def start_inference(request: Request, svc: ServiceDep, tenant: EngineTenant,
-                          model: str | None = Query(None, description="model id"),
-                          key_id: str | None = Query(None, description="registered key id"),
-                          n_tokens: int | None = Query(None, ge=1, description="sentence length in tokens")) -> Response:
+async def start_inference(
+    request: Request,
+    svc: ServiceDep,
+    tenant: EngineTenant,
+    model: str | None = Query(None, description="model id"),
+    key_id: str | None = Query(None, description="registered key id"),
+    n_tokens: int | None = Query(None, ge=1, description="sentence length in tokens"),
+) -> Response:
     """Start an encrypted inference: the body is a CBF1 frame set of the encrypted embeddings."""
     await svc.rate_limit(tenant, "inference")
     data, fields = await binary_input(request, svc.settings.max_frames_bytes, "ciphertext upload", "frames")
@@ -85,8 +116,7 @@ async def start_inference(request: Request, svc: ServiceDep, tenant: EngineTenan
         raise ApiError(422, "invalid_request", f"n_tokens must be in 1..{max_tokens}, got {n}")
     rec = await key_for(svc, tenant, kid)
     if rec.model_id != model_id:
-        raise ApiError(400, "wrong_model", f"key {kid!r} was registered for model {rec.model_id!r}, "
-                                           f"not {model_id!r}")
+        raise ApiError(400, "wrong_model", f"key {kid!r} was registered for model {rec.model_id!r}, not {model_id!r}")
     frames = unpack(data, svc.settings.max_frames, svc.settings.max_frames_bytes)
     svc.metrics.bytes.labels("in", "ciphertext").inc(len(data))
     inference_id = "i_" + secrets.token_urlsafe(18)
@@ -106,8 +136,11 @@ async def pending_round(svc: Service, tenant: str, inference_id: str, round: int
     if rec.done:
         raise ApiError(409, "inference_finished", f"inference {inference_id!r} already returned its logits")
     if rec.round != round:
-        raise ApiError(409, "wrong_round", f"inference {inference_id!r} waits for round {rec.round}, "
-                                           f"not {round} (a round is answered once)")
+        raise ApiError(
+            409,
+            "wrong_round",
+            f"inference {inference_id!r} waits for round {rec.round}, not {round} (a round is answered once)",
+        )
     expected = round_token(svc.token_key, tenant, rec.key_id, inference_id, round, rec.digest)
     if not token_matches(expected, tok):
         svc.metrics.errors.labels("bad_round_token").inc()
@@ -115,11 +148,20 @@ async def pending_round(svc: Service, tenant: str, inference_id: str, round: int
     return rec
 
 
-@router.post("/{inference_id}/rounds/{round}", response_class=Response, responses=ENVELOPE_RESPONSE,
-             openapi_extra={"requestBody": FRAMES_BODY})
-async def answer_round(inference_id: str, round: int, request: Request, svc: ServiceDep, tenant: EngineTenant,
-                       token: str | None = Query(None, description=f"round token (or {ROUND_TOKEN_HEADER})"),
-                       ) -> Response:
+@router.post(
+    "/{inference_id}/rounds/{round}",
+    response_class=Response,
+    responses=ENVELOPE_RESPONSE,
+    openapi_extra={"requestBody": FRAMES_BODY},
+)
+async def answer_round(
+    inference_id: str,
+    round: int,
+    request: Request,
+    svc: ServiceDep,
+    tenant: EngineTenant,
+    token: str | None = Query(None, description=f"round token (or {ROUND_TOKEN_HEADER})"),
+) -> Response:
     """Send the client's reply to a refresh round; the response is the next round or the logits."""
     tok = request.headers.get(ROUND_TOKEN_HEADER) or token
     if not tok:
@@ -136,8 +178,9 @@ async def answer_round(inference_id: str, round: int, request: Request, svc: Ser
     if state is None:
         raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was already answered")
     try:
-        result = await svc.run_engine(tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames,
-                                      inference_id, round)
+        result = await svc.run_engine(
+            tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames, inference_id, round
+        )
     except ApiError as exc:
         if exc.status >= 500 or exc.status == 429:  # not the client's fault: keep the round open
             await svc.db(svc.store.put_state, rec, state)

@@ -19,15 +19,32 @@ from service.uploads import binary_input, param
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
-KEY_BODY = {"requestBody": {"required": True, "content": {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["context"], "properties": {
-        "context": {"type": "string", "format": "binary"}, "model": {"type": "string"}}}}}}}
+KEY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["context"],
+                    "properties": {"context": {"type": "string", "format": "binary"}, "model": {"type": "string"}},
+                }
+            },
+        },
+    }
+}
 
 
 def key_info(rec: KeyRecord) -> KeyInfo:
-    return KeyInfo(key_id=rec.key_id, model_id=rec.model_id, created_at=rec.created_at,
-                   expires_at=rec.expires_at, size=rec.size, sha256=rec.sha256)
+    return KeyInfo(
+        key_id=rec.key_id,
+        model_id=rec.model_id,
+        created_at=rec.created_at,
+        expires_at=rec.expires_at,
+        size=rec.size,
+        sha256=rec.sha256,
+    )
 
 
 async def key_for(svc: Service, tenant: str, key_id: str) -> KeyRecord:
@@ -39,8 +56,9 @@ async def key_for(svc: Service, tenant: str, key_id: str) -> KeyRecord:
 
 
 @router.post("", status_code=201, response_model=KeyInfo, responses=ERRORS, openapi_extra=KEY_BODY)
-async def register_key(request: Request, svc: ServiceDep, tenant: EngineTenant,
-                       model: str | None = Query(None, description="model id")) -> JSONResponse:
+async def register_key(
+    request: Request, svc: ServiceDep, tenant: EngineTenant, model: str | None = Query(None, description="model id")
+) -> JSONResponse:
     """Register a public CKKS context (relinearization + the model's Galois keys, no secret key)."""
     await svc.rate_limit(tenant, "key registration")
     blob, fields = await binary_input(request, svc.settings.max_key_bytes, "public context", "context")
@@ -52,8 +70,9 @@ async def register_key(request: Request, svc: ServiceDep, tenant: EngineTenant,
     key_id = "k_" + secrets.token_urlsafe(18)
     await svc.run_engine(tenant, "load_context", worker.validate_key, model_id, key_id, blob)
     now = time.time()
-    rec = KeyRecord(key_id, tenant, model_id, now, now + svc.settings.key_ttl_s, len(blob),
-                    hashlib.sha256(blob).hexdigest())
+    rec = KeyRecord(
+        key_id, tenant, model_id, now, now + svc.settings.key_ttl_s, len(blob), hashlib.sha256(blob).hexdigest()
+    )
     await svc.db(svc.store.put_key, rec, blob)
     return JSONResponse(key_info(rec).model_dump(), status_code=201)
 

@@ -17,8 +17,13 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 def summary(model_id: str, served: ServedModel) -> ModelSummary:
     b = served.info.bundle
-    return ModelSummary(model_id=model_id, model_hash=served.info.model_hash, max_tokens=served.info.max_tokens,
-                        num_labels=b.get("num_labels"), labels=[str(x) for x in b.get("labels", [])] or None)
+    return ModelSummary(
+        model_id=model_id,
+        model_hash=served.info.model_hash,
+        max_tokens=served.info.max_tokens,
+        num_labels=b.get("num_labels"),
+        labels=[str(x) for x in b.get("labels", [])] or None,
+    )
 
 
 @router.get("", response_model=ModelList, responses=ERRORS)
@@ -30,13 +35,18 @@ async def list_models(svc: ServiceDep, tenant: ReadyTenant) -> ModelList:
 async def model_bundle(model_id: str, svc: ServiceDep, tenant: ReadyTenant) -> dict[str, Any]:
     served = svc.model(model_id)
     bundle = dict(served.info.bundle)
-    bundle["files"] = [{"name": f.name, "bytes": f.bytes, "sha256": f.sha256,
-                        "url": f"/v1/models/{model_id}/bundle/files/{f.name}"} for f in served.files]
+    bundle["files"] = [
+        {"name": f.name, "bytes": f.bytes, "sha256": f.sha256, "url": f"/v1/models/{model_id}/bundle/files/{f.name}"}
+        for f in served.files
+    ]
     return bundle
 
 
-@router.get("/{model_id}/bundle/files/{name}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS})
+@router.get(
+    "/{model_id}/bundle/files/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
+)
 async def model_bundle_file(model_id: str, name: str, svc: ServiceDep, tenant: ReadyTenant) -> FileResponse:
     for f in svc.model(model_id).files:
         if f.name == name:

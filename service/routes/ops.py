@@ -30,8 +30,12 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
     else:
         detail = svc.not_ready_reason or "not ready"
     status = 200 if detail is None else 503
-    body = Health(status="ready" if status == 200 else "not_ready", replica=svc.settings.replica_id,
-                  models=sorted(svc.models), detail=detail)
+    body = Health(
+        status="ready" if status == 200 else "not_ready",
+        replica=svc.settings.replica_id,
+        models=sorted(svc.models),
+        detail=detail,
+    )
     return JSONResponse(body.model_dump(), status_code=status)
 
 

@@ -18,8 +18,9 @@ class FaultyToyEngine(ToyEngine):
             raise TypeError("planted bug in start: unsupported operand type(s)")
         return super().start(ctx, inference_id, n_tokens, inputs)
 
-    def resume(self, ctx, state: bytes, replies: list[bytes], *, inference_id: str | None = None,
-               round_no: int | None = None) -> StepOutput:
+    def resume(
+        self, ctx, state: bytes, replies: list[bytes], *, inference_id: str | None = None, round_no: int | None = None
+    ) -> StepOutput:
         if BUG_MARKER in replies:
             raise TypeError("planted bug in resume: unsupported operand type(s)")
         return super().resume(ctx, state, replies, inference_id=inference_id, round_no=round_no)
