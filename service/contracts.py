@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # at run time the API process imports it only when it unpickl
 __all__ = ["Engine", "EngineClass", "InferenceRecord", "KeyRecord", "StepResult", "Store"]
 
 
+@runtime_checkable
 class Engine(Protocol):
     """One loaded model as the worker processes use it (he_models.engine.EncryptedEngine and stand-ins)."""
 
@@ -137,3 +138,10 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
     def close(self) -> None: ...
+
+
+if TYPE_CHECKING:  # mypy holds the real engine to the contract (no run-time cost, no import)
+    from he_models.engine import EncryptedEngine
+
+    def _real_engine_conforms(engine: EncryptedEngine) -> Engine:
+        return engine

@@ -1,5 +1,6 @@
 """Service building blocks without a running server: settings, round tokens, stores, key checks."""
 
+import os
 import threading
 import time
 
@@ -221,3 +222,37 @@ def test_serve_flags_override_the_environment(tmp_path, monkeypatch):
     s = serve_settings(args)
     assert (s.workers, s.rate_limit, s.models, s.api_keys) == (1, (5, 10), ["a", "b"], {"key-ffff-1": "file"})
     assert serve_settings(parser.parse_args(["serve", "--data-dir", str(tmp_path)])).workers == 3
+
+
+# contracts ----------------------------------------------------------------------------------------
+
+
+def test_worker_jobs_return_step_outputs_across_a_real_pool(tmp_path):
+    """The worker answers with StepResult(StepOutput) objects that survive the process boundary."""
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+
+    from he_models.engine import StepOutput
+    from service import worker
+    from service.contracts import Engine, StepResult
+    from service.store import StoreConfig
+
+    models = tmp_path / "models"
+    engine = ToyEngine.load(make_toy_model(models), b"s" * 32)
+    assert isinstance(engine, Engine)  # the stand-in satisfies the engine contract
+    config = worker.WorkerConfig(models_dir=models, engine="tests.support.toyengine:ToyEngine",
+                                 engine_secret=b"s" * 32, store=StoreConfig(data_dir=tmp_path / "data"))
+    keys = ClientKeys.generate(engine.client_bundle()["ckks"], [])
+    frames = [ts.ckks_vector(keys.ctx, [0.5] * engine.hidden).serialize() for _ in range(2)]
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=worker.init, initargs=(config,)) as pool:
+        info = pool.submit(worker.describe).result()
+        assert info.models["toy"].max_tokens == engine.max_tokens and not info.errors
+        assert {f.name for f in info.models["toy"].files} == set(engine.client_bundle_files())
+        assert pool.submit(worker.validate_key, "toy", "k_1", keys.public_keys_bytes()).result() >= 0
+        result = pool.submit(worker.start, "toy", "k_1", "i_1", 2, frames).result()
+    assert isinstance(result, StepResult) and isinstance(result.step, StepOutput)
+    assert (result.step.inference_id, result.step.round, result.step.done, result.step.kind) == ("i_1", 1, False, "refresh")
+    assert result.pid != os.getpid() and result.seconds > 0 and not result.context_loaded  # cached by validate_key
+    assert pickle.loads(pickle.dumps(result)) == result
