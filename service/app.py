@@ -16,13 +16,11 @@ from fastapi import FastAPI, Request, Response
 
 from service.errors import ApiError, install_error_handlers
 from service.pool import Service
-from service.routes import inferences, keys, models, ops
+from service.routes import API_PREFIX, API_VERSION, inferences, keys, models, ops
 from service.routes.inferences import ROUND_TOKEN_HEADER
 from service.settings import Settings
 
 __all__ = ["API_VERSION", "ROUND_TOKEN_HEADER", "ApiError", "Service", "app_from_env", "create_app"]
-
-API_VERSION = "v1"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, svc.metrics.errors)
     app.include_router(ops.router)
     for router in (models.router, keys.router, inferences.router):
-        app.include_router(router, prefix=f"/{API_VERSION}")
+        app.include_router(router, prefix=API_PREFIX)
     return app
 
 

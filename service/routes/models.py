@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from service.deps import ReadyTenant, ServiceDep
 from service.errors import ApiError
 from service.pool import ServedModel
+from service.routes import API_PREFIX
 from service.schemas import ERRORS, ModelList, ModelSummary
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -36,7 +37,12 @@ async def model_bundle(model_id: str, svc: ServiceDep, tenant: ReadyTenant) -> d
     served = svc.model(model_id)
     bundle = dict(served.info.bundle)
     bundle["files"] = [
-        {"name": f.name, "bytes": f.bytes, "sha256": f.sha256, "url": f"/v1/models/{model_id}/bundle/files/{f.name}"}
+        {
+            "name": f.name,
+            "bytes": f.bytes,
+            "sha256": f.sha256,
+            "url": f"{API_PREFIX}/models/{model_id}/bundle/files/{f.name}",
+        }
         for f in served.files
     ]
     return bundle
