@@ -173,6 +173,8 @@ def pack_eval_keys(params: CKKSParams, galois_steps: list[int], relin: bytes, ga
 
 def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
     """Split an upload into header, relin and Galois key bytes; refuse anything carrying a secret key."""
+    if not isinstance(data, bytes | bytearray):
+        raise CKKSError(f"evaluation keys must be bytes, got {type(data).__name__}")
     if data[:4] != b"CBF1":
         _refuse_tenseal_context(data)
         raise CKKSError("evaluation keys must be a cipherbert key bundle (framed header, relin, galois)")
@@ -185,6 +187,8 @@ def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
         header = EvalKeyHeader(**raw)
     except Exception:
         raise CKKSError("evaluation keys: first frame is not a valid JSON header") from None
+    if not _header_types_ok(header):
+        raise CKKSError("evaluation keys: header fields have the wrong types")
     if header.format != KEYS_FORMAT:
         raise CKKSError(f"evaluation keys: unknown format {header.format!r}")
     lowered = [p.lower() for p in header.parts]
@@ -195,6 +199,14 @@ def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
             f"evaluation keys must hold exactly relin_keys and galois_keys, got parts {header.parts} "
             f"in {len(frames) - 1} frames")
     return header, frames[1], frames[2]
+
+
+def _header_types_ok(header: EvalKeyHeader) -> bool:
+    """params a dict, galois_steps a list of ints, parts a list of strings, format a string."""
+    return (isinstance(header.params, dict) and isinstance(header.format, str)
+            and isinstance(header.galois_steps, list)
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in header.galois_steps)
+            and isinstance(header.parts, list) and all(isinstance(p, str) for p in header.parts))
 
 
 def _refuse_tenseal_context(data: bytes) -> None:
