@@ -28,7 +28,7 @@ LoadContext = Callable[[bytes], EvalContext]
 def to_wire(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A part's arguments as picklable values: ciphertexts as bytes, the geometry as a dict."""
     wire = {k: ([save_bytes(c) for c in v] if k in CIPHERTEXT_ARGS else v) for k, v in kwargs.items()}
-    wire["geo"] = wire["geo"].to_dict()
+    wire["geo"] = kwargs["geo"].to_dict()
     return wire
 
 
@@ -47,8 +47,9 @@ class Assistant:
     def __init__(self, parts: RoundParts, load_context: LoadContext) -> None:
         context = multiprocessing.get_context("fork")
         self._conn, child = context.Pipe()
-        self._proc = context.Process(target=assistant_main, args=(parts, load_context, child), daemon=True,
-                                     name="cipherbert-engine-assistant")
+        self._proc = context.Process(
+            target=assistant_main, args=(parts, load_context, child), daemon=True, name="cipherbert-engine-assistant"
+        )
         self._proc.start()
         child.close()
         self._keys: set[str] = set()
@@ -110,8 +111,9 @@ class Splitter:
         self.parts = parts
         self.assistant = assistant
 
-    def split(self, ctx: EvalContext, remote: Part, local: Callable[[], Any],
-              whole: Callable[[], Any] | None = None) -> tuple[Any, Any]:
+    def split(
+        self, ctx: EvalContext, remote: Part, local: Callable[[], Any], whole: Callable[[], Any] | None = None
+    ) -> tuple[Any, Any]:
         """Run `local()` here and the named half in the assistant; without an assistant, `whole()`
         (the unsplit computation, which shares rotations the halves would each repeat) if given."""
         name, kwargs = remote

@@ -58,7 +58,8 @@ def client_bundle_files(plan: HEPlan, model_dir: Path | None) -> dict[str, Path]
 def cache_dir() -> Path:
     """$CIPHERBERT_CACHE_DIR, else $XDG_CACHE_HOME/cipherbert, else ~/.cache/cipherbert; then bundles/."""
     root = os.environ.get("CIPHERBERT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cipherbert")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cipherbert"
+    )
     return Path(root) / "bundles"
 
 

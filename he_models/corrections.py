@@ -53,19 +53,24 @@ class CorrectionSpec:
 
 
 CORRECTIONS: dict[str, CorrectionSpec] = {
-    "c1": CorrectionSpec(out=("sl", "h", "k", "i"), inp=("fm", "i"), weight=("k", "f"), unit=CHUNK, mask="k",
-                         by_score_factor=True),
-    "c2": CorrectionSpec(out=("sl", "h", "k", "i"), inp=("sl", "h", "k", "d"), weight=("i", "f"), unit=1, mask="q",
-                         by_score_factor=True),
-    "c3": CorrectionSpec(out=("fm", "i"), inp=("sl", "h", "k", "i"), weight=("k", "f"), unit=CHUNK, mask="v",
-                         by_score_factor=False),
-    "c4": CorrectionSpec(out=("fm", "i"), inp=("fm", "k"), weight=("h", "k", "i"), unit=1, mask="a",
-                         by_score_factor=False),
+    "c1": CorrectionSpec(
+        out=("sl", "h", "k", "i"), inp=("fm", "i"), weight=("k", "f"), unit=CHUNK, mask="k", by_score_factor=True
+    ),
+    "c2": CorrectionSpec(
+        out=("sl", "h", "k", "i"), inp=("sl", "h", "k", "d"), weight=("i", "f"), unit=1, mask="q", by_score_factor=True
+    ),
+    "c3": CorrectionSpec(
+        out=("fm", "i"), inp=("sl", "h", "k", "i"), weight=("k", "f"), unit=CHUNK, mask="v", by_score_factor=False
+    ),
+    "c4": CorrectionSpec(
+        out=("fm", "i"), inp=("fm", "k"), weight=("h", "k", "i"), unit=1, mask="a", by_score_factor=False
+    ),
 }
 
 
-def correction_weights(spec: CorrectionSpec, plan: HEPlan, masks: Masks, geo: Geometry, layer: int,
-                       inference: str, round_no: int) -> np.ndarray:
+def correction_weights(
+    spec: CorrectionSpec, plan: HEPlan, masks: Masks, geo: Geometry, layer: int, inference: str, round_no: int
+) -> np.ndarray:
     """The weight array of a correction: the round's mask of spec.mask, unpacked and scaled."""
     name = f"{layer}.{spec.mask}"
     if spec.mask == "a":
@@ -115,8 +120,15 @@ class CorrectionKernels:
         if cached is not None:
             return cached
         spec = CORRECTIONS[name]
-        layout = plan_map_fewest_rotations(out, inp, spec.n_cts(spec.inp, geo), spec.n_cts(spec.out, geo),
-                                           self.backend.slots, spec.unit, spec.babies(self.plan))
+        layout = plan_map_fewest_rotations(
+            out,
+            inp,
+            spec.n_cts(spec.inp, geo),
+            spec.n_cts(spec.out, geo),
+            self.backend.slots,
+            spec.unit,
+            spec.babies(self.plan),
+        )
         self._layouts[key] = layout
         while len(self._layouts) > LAYOUT_CACHE_SIZE:
             self._layouts.popitem(last=False)

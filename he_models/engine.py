@@ -45,8 +45,9 @@ MIN_SECRET_BYTES = 16
 class EncryptedEngine:
     """One compiled model, served to any number of clients; start/resume are serialised by a lock."""
 
-    def __init__(self, plan: HEPlan, server_secret: bytes, model_id: str, model_dir: Path | None = None,
-                 workers: int = 1) -> None:
+    def __init__(
+        self, plan: HEPlan, server_secret: bytes, model_id: str, model_dir: Path | None = None, workers: int = 1
+    ) -> None:
         if len(server_secret) < MIN_SECRET_BYTES:
             raise EngineError(f"server secret must be at least {MIN_SECRET_BYTES} bytes")
         self.plan = plan
@@ -62,14 +63,21 @@ class EncryptedEngine:
         self.parts = RoundParts(plan, self.backend, self.kernels, CorrectionKernels(plan, self.backend), self.masks)
         self.splitter = Splitter(self.parts)
         sealer = StateSealer(server_secret, plan.model_hash, self.backend.context)
-        self.rounds = RoundMachine(plan, self.backend, self.kernels, self.masks, sealer, self.splitter,
-                                   self.geometry, self._labels)
+        self.rounds = RoundMachine(
+            plan, self.backend, self.kernels, self.masks, sealer, self.splitter, self.geometry, self._labels
+        )
         self._lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, server_secret: bytes, mask_bits: int = 10, warm: tuple[int, ...] = (),
-             workers: int = 1) -> EncryptedEngine:
+    def load(
+        cls,
+        model_dir: str | Path,
+        server_secret: bytes,
+        mask_bits: int = 10,
+        warm: tuple[int, ...] = (),
+        workers: int = 1,
+    ) -> EncryptedEngine:
         """Compile and encode the model. workers=2 forks an assistant process that takes half of
         every round's work (both cores for one query); workers=1 keeps everything in this process."""
         model_dir = Path(model_dir)
@@ -143,8 +151,9 @@ class EncryptedEngine:
         if n_tokens > self.max_tokens:
             raise EngineError(f"{n_tokens} tokens exceed this model's maximum of {self.max_tokens}")
         try:
-            return Geometry.for_tokens(n_tokens, self.cfg.hidden_size, self.cfg.num_heads,
-                                       self.cfg.intermediate_size, self.slots)
+            return Geometry.for_tokens(
+                n_tokens, self.cfg.hidden_size, self.cfg.num_heads, self.cfg.intermediate_size, self.slots
+            )
         except LayoutError as exc:
             raise EngineError(str(exc)) from None
 
@@ -153,8 +162,15 @@ class EncryptedEngine:
         with self._lock:
             return self.rounds.start(ctx, inference_id, n_tokens, inputs)
 
-    def resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *, inference_id: str | None = None,
-               round_no: int | None = None) -> StepOutput:
+    def resume(
+        self,
+        ctx: EvalContext,
+        state: bytes,
+        replies: list[bytes],
+        *,
+        inference_id: str | None = None,
+        round_no: int | None = None,
+    ) -> StepOutput:
         """The next round from the state of the last one and the client's replies to it."""
         with self._lock:
             return self.rounds.resume(ctx, state, replies, inference_id=inference_id, round_no=round_no)

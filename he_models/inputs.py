@@ -28,20 +28,28 @@ def load_context(plan: HEPlan, backend: Backend, public_keys: bytes) -> EvalCont
     except CKKSError as exc:
         raise EngineError(str(exc)) from None
     if header.params != plan.params.to_dict():
-        raise EngineError(f"evaluation keys use CKKS parameters {header.params}; this model needs "
-                          f"{plan.params.to_dict()}")
+        raise EngineError(
+            f"evaluation keys use CKKS parameters {header.params}; this model needs {plan.params.to_dict()}"
+        )
     missing = sorted(set(plan.galois_steps) - set(header.galois_steps))
     if missing:
         raise EngineError(f"evaluation keys lack Galois keys for rotation steps {missing}")
     relin, galois = _load_keys(backend.context, relin_bytes, galois_bytes)
     _check_galois(backend.context, plan.galois_steps, galois)
     fingerprint = hashlib.sha256(public_keys).hexdigest()[:32]
-    return EvalContext(relin=relin, galois=galois, fingerprint=fingerprint,
-                       steps=list(header.galois_steps), nbytes=len(public_keys), raw=public_keys)
+    return EvalContext(
+        relin=relin,
+        galois=galois,
+        fingerprint=fingerprint,
+        steps=list(header.galois_steps),
+        nbytes=len(public_keys),
+        raw=public_keys,
+    )
 
 
-def _load_keys(context: seal.SEALContext, relin_bytes: bytes,
-               galois_bytes: bytes) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
+def _load_keys(
+    context: seal.SEALContext, relin_bytes: bytes, galois_bytes: bytes
+) -> tuple[seal.RelinKeys, seal.GaloisKeys]:
     try:
         relin = load_into(seal.RelinKeys(), context, relin_bytes, "relinearization keys")
         galois = load_into(seal.GaloisKeys(), context, galois_bytes, "Galois keys")
@@ -63,8 +71,7 @@ def _check_galois(context: seal.SEALContext, steps: list[int], galois: seal.Galo
             raise EngineError(f"Galois keys declare step {step} but do not contain it")
 
 
-def load_fresh(backend: Backend, payloads: list[bytes], expected: int,
-               what: str) -> list[seal.Ciphertext]:
+def load_fresh(backend: Backend, payloads: list[bytes], expected: int, what: str) -> list[seal.Ciphertext]:
     """Load `expected` client ciphertexts; each must be fresh: top level, exact scale, NTT form."""
     if not isinstance(payloads, list | tuple):
         raise EngineError(f"{what}: expected a list of ciphertexts, got {type(payloads).__name__}")

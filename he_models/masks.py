@@ -61,8 +61,9 @@ class Masks:
         masks = self.draw(inference, round_no, name, len(cts))
         return [self.masked_out(c, m) for c, m in zip(cts, masks, strict=True)]
 
-    def unmask(self, fresh: list[seal.Ciphertext], inference: str, round_no: int, name: str,
-               geo: Geometry) -> list[seal.Ciphertext]:
+    def unmask(
+        self, fresh: list[seal.Ciphertext], inference: str, round_no: int, name: str, geo: Geometry
+    ) -> list[seal.Ciphertext]:
         """Remove the mask from a refreshed feature-major tensor (padding slots were never masked)."""
         mask = self.draw(inference, round_no, name, len(fresh))
         valid = geo.fm_valid(geo.hidden)

@@ -26,8 +26,9 @@ CIPHERTEXT_ARGS = ("raw", "cts", "h_raw")  # the keyword arguments of parts that
 class RoundParts:
     """QKV projections, mask corrections c1..c4 and FFN halves of one engine."""
 
-    def __init__(self, plan: HEPlan, backend: Backend, weights: WeightKernels, corrections: CorrectionKernels,
-                 masks: Masks) -> None:
+    def __init__(
+        self, plan: HEPlan, backend: Backend, weights: WeightKernels, corrections: CorrectionKernels, masks: Masks
+    ) -> None:
         self.plan = plan
         self.backend = backend
         self.weights = weights
@@ -44,8 +45,9 @@ class RoundParts:
             return self.ffn(ctx, **kwargs)
         raise KeyError(f"no engine part named {name!r}")
 
-    def qkv(self, ctx: EvalContext, geo: Geometry, layer: int, raw: list[seal.Ciphertext],
-            which: str) -> list[seal.Ciphertext]:
+    def qkv(
+        self, ctx: EvalContext, geo: Geometry, layer: int, raw: list[seal.Ciphertext], which: str
+    ) -> list[seal.Ciphertext]:
         """Q and K, or V and the residual input (x_res), or all of them; each grouped chunk by chunk."""
         maps = self.weights.maps()[layer]
         L = self.plan.layers[layer]
@@ -60,18 +62,20 @@ class RoundParts:
             result += self.weights.add_bias(cts, getattr(L, f"b{name}"), geo)
         if which == "qk":
             return result
-        if maps.x_res is None:
+        if maps.x_res is None or L.in_shift is None:
             return result + list(raw)
         return result + self.weights.add_bias(self.weights.chunked(maps.x_res, raw, ctx.galois), L.in_shift, geo)
 
-    def correction(self, ctx: EvalContext, name: str, geo: Geometry, layer: int, inference: str, r: int,
-                   cts: list[seal.Ciphertext]) -> list[seal.Ciphertext]:
+    def correction(
+        self, ctx: EvalContext, name: str, geo: Geometry, layer: int, inference: str, r: int, cts: list[seal.Ciphertext]
+    ) -> list[seal.Ciphertext]:
         """Correction `name` (see he_models.corrections) with this round's masks, applied to `cts`."""
         weights = correction_weights(CORRECTIONS[name], self.plan, self.masks, geo, layer, inference, r)
         return apply_map(self.backend, self.corrections.build(name, geo, weights), cts, ctx.galois)
 
-    def ffn(self, ctx: EvalContext, geo: Geometry, layer: int, h_raw: list[seal.Ciphertext],
-            half: int | None) -> list[seal.Ciphertext]:
+    def ffn(
+        self, ctx: EvalContext, geo: Geometry, layer: int, h_raw: list[seal.Ciphertext], half: int | None
+    ) -> list[seal.Ciphertext]:
         """One half of the FFN: its share of FFN1's outputs (in every chunk), squared, through its share
         of FFN2's inputs; half=None does all of it."""
         be = self.backend

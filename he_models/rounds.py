@@ -35,9 +35,17 @@ Saved = dict[str, list[seal.Ciphertext]]
 class RoundMachine:
     """start() and resume() of the protocol, for one engine's plan, kernels, masks and state sealer."""
 
-    def __init__(self, plan: HEPlan, backend: Backend, weights: WeightKernels, masks: Masks,
-                 sealer: StateSealer, splitter: Splitter, geometry: Callable[[int], Geometry],
-                 labels: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        plan: HEPlan,
+        backend: Backend,
+        weights: WeightKernels,
+        masks: Masks,
+        sealer: StateSealer,
+        splitter: Splitter,
+        geometry: Callable[[int], Geometry],
+        labels: Callable[[], list[str]],
+    ) -> None:
         self.plan = plan
         self.backend = backend
         self.weights = weights
@@ -55,15 +63,25 @@ class RoundMachine:
         raw = load_fresh(self.backend, inputs, geo.fm_cts(geo.hidden), "input")
         return self.begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
 
-    def resume(self, ctx: EvalContext, state: bytes, replies: list[bytes], *, inference_id: str | None = None,
-               round_no: int | None = None) -> StepOutput:
-        header, saved = self.sealer.open(state)
+    def resume(
+        self,
+        ctx: EvalContext,
+        state: bytes,
+        replies: list[bytes],
+        *,
+        inference_id: str | None = None,
+        round_no: int | None = None,
+    ) -> StepOutput:
+        header, saved = self.sealer.open_blob(state)
         if inference_id is not None and inference_id != header.inference_id:
-            raise EngineError(f"reply for inference {inference_id!r} does not match the stored "
-                              f"inference {header.inference_id!r}")
+            raise EngineError(
+                f"reply for inference {inference_id!r} does not match the stored inference {header.inference_id!r}"
+            )
         if round_no is not None and round_no != header.round:
-            raise EngineError(f"reply to round {round_no} but inference {header.inference_id!r} "
-                              f"awaits round {header.round} (replayed or out-of-order round)")
+            raise EngineError(
+                f"reply to round {round_no} but inference {header.inference_id!r} "
+                f"awaits round {header.round} (replayed or out-of-order round)"
+            )
         if header.key != ctx.fingerprint:
             raise EngineError("reply uses different evaluation keys than the inference started with")
         geo = Geometry.from_dict(header.geometry)
@@ -77,18 +95,36 @@ class RoundMachine:
             return self.after_attention_refresh(ctx, inference, geo, layer, r, replies)
         return self.after_ffn_refresh(ctx, inference, geo, layer, r, replies)
 
-    def emit(self, ctx: EvalContext, inference: str, geo: Geometry, round_no: int, kind: str,
-             to_client: list[bytes], keep: Saved, extra_meta: dict | None = None) -> StepOutput:
+    def emit(
+        self,
+        ctx: EvalContext,
+        inference: str,
+        geo: Geometry,
+        round_no: int,
+        kind: str,
+        to_client: list[bytes],
+        keep: Saved,
+        extra_meta: dict | None = None,
+    ) -> StepOutput:
         """The StepOutput of a round the client must answer, with the sealed state it resumes from."""
-        header = RoundHeader(inference_id=inference, round=round_no, kind=kind, geometry=geo.to_dict(),
-                             key=ctx.fingerprint)
+        header = RoundHeader(
+            inference_id=inference, round=round_no, kind=kind, geometry=geo.to_dict(), key=ctx.fingerprint
+        )
         meta = {"geometry": geo.to_dict(), "protocol": PROTOCOL, **(extra_meta or {})}
-        return StepOutput(inference_id=inference, round=round_no, done=False, to_client=to_client,
-                          state=self.sealer.seal(header, keep), kind=kind, meta=meta)
+        return StepOutput(
+            inference_id=inference,
+            round=round_no,
+            done=False,
+            to_client=to_client,
+            state=self.sealer.seal_blob(header, keep),
+            kind=kind,
+            meta=meta,
+        )
 
     # -- the rounds ----------------------------------------------------------------------------
-    def begin_layer(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int,
-                    raw: list[seal.Ciphertext], round_no: int) -> StepOutput:
+    def begin_layer(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, raw: list[seal.Ciphertext], round_no: int
+    ) -> StepOutput:
         """Q, K (sent masked), V and the residual (kept): the scores round."""
         parts = self.splitter.parts
 
@@ -102,12 +138,22 @@ class RoundMachine:
         q, k = q_k[:n_fm], q_k[n_fm:]
         v, x_res = v_x[:n_fm], v_x[n_fm:]
         to_client = self.masks.mask_all(q, inference, round_no, f"{layer}.q") + self.masks.mask_all(
-            k, inference, round_no, f"{layer}.k")
-        return self.emit(ctx, inference, geo, round_no, "scores", to_client, {"x_res": x_res, "q": q, "v": v},
-                         {"sigma": self.plan.layers[layer].score_factor(geo.n)})
+            k, inference, round_no, f"{layer}.k"
+        )
+        return self.emit(
+            ctx,
+            inference,
+            geo,
+            round_no,
+            "scores",
+            to_client,
+            {"x_res": x_res, "q": q, "v": v},
+            {"sigma": self.plan.layers[layer].score_factor(geo.n)},
+        )
 
-    def after_scores(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved,
-                     replies: list[bytes]) -> StepOutput:
+    def after_scores(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved, replies: list[bytes]
+    ) -> StepOutput:
         """Scores minus the corrections c1, c2, shifted and squared (2Quad): the context round."""
         be = self.backend
         n_sl = geo.sl_cts
@@ -115,7 +161,8 @@ class RoundMachine:
         s_client, z = fresh[:n_sl], fresh[n_sl:]
         task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "cts": z}
         c1_out, c2_out = self.splitter.split(
-            ctx, ("c2", task), lambda: self.splitter.parts.correction(ctx, "c1", geo, layer, inference, r, saved["q"]))
+            ctx, ("c2", task), lambda: self.splitter.parts.correction(ctx, "c1", geo, layer, inference, r, saved["q"])
+        )
         shift = self.plan.layers[layer].shift(geo.n)
         shift_sl = geo.pack_sl(np.broadcast_to(shift[:, None, None], (geo.heads, geo.n, geo.n)))
         a = []
@@ -124,12 +171,22 @@ class RoundMachine:
             scores = be.add_plain(scores, shift_sl[idx])
             a.append(be.square(scores, ctx.relin))
         to_client = self.masks.mask_all(a, inference, r + 1, f"{layer}.a") + self.masks.mask_all(
-            saved["v"], inference, r + 1, f"{layer}.v")
-        return self.emit(ctx, inference, geo, r + 1, "context", to_client, {"x_res": saved["x_res"], "v": saved["v"]},
-                         {"context_scale": 1.0 / self.plan.layers[layer].a_gain})
+            saved["v"], inference, r + 1, f"{layer}.v"
+        )
+        return self.emit(
+            ctx,
+            inference,
+            geo,
+            r + 1,
+            "context",
+            to_client,
+            {"x_res": saved["x_res"], "v": saved["v"]},
+            {"context_scale": 1.0 / self.plan.layers[layer].a_gain},
+        )
 
-    def after_context(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved,
-                      replies: list[bytes]) -> StepOutput:
+    def after_context(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved, replies: list[bytes]
+    ) -> StepOutput:
         """Context minus c3, c4, through the output projection plus the residual: h, sent for refresh."""
         be = self.backend
         n_fm, n_sl = geo.fm_cts(geo.hidden), geo.sl_cts
@@ -137,16 +194,19 @@ class RoundMachine:
         av_client, a_masked = fresh[:n_fm], fresh[n_fm:]
         task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "cts": saved["v"]}
         c3_out, c4_out = self.splitter.split(
-            ctx, ("c4", task), lambda: self.splitter.parts.correction(ctx, "c3", geo, layer, inference, r, a_masked))
+            ctx, ("c4", task), lambda: self.splitter.parts.correction(ctx, "c3", geo, layer, inference, r, a_masked)
+        )
         context = [be.sub(be.sub(av_client[i], c3_out[i]), c4_out[i]) for i in range(n_fm)]
         maps = self.weights.maps()[layer]
         out = self.weights.add_bias(self.weights.chunked(maps.o, context, ctx.galois), self.plan.layers[layer].bo, geo)
         h_raw = [be.add(x, o) for x, o in zip(saved["x_res"], out, strict=True)]
-        return self.emit(ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(h_raw, inference, r + 1,
-                                                                                     f"{layer}.h"), {})
+        return self.emit(
+            ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(h_raw, inference, r + 1, f"{layer}.h"), {}
+        )
 
-    def after_attention_refresh(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int,
-                                replies: list[bytes]) -> StepOutput:
+    def after_attention_refresh(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, replies: list[bytes]
+    ) -> StepOutput:
         """The norm and the FFN on the refreshed h (the FFN split in halves): y, sent for refresh."""
         be = self.backend
         n_fm = geo.fm_cts(geo.hidden)
@@ -163,28 +223,34 @@ class RoundMachine:
             f = parts.ffn(ctx, geo, layer, h_raw, None)
         else:
             local, f_remote = self.splitter.split(
-                ctx, ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}),
+                ctx,
+                ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}),
                 lambda: norm() + parts.ffn(ctx, geo, layer, h_raw, 0),
-                lambda: (norm() + parts.ffn(ctx, geo, layer, h_raw, None), None))
+                lambda: (norm() + parts.ffn(ctx, geo, layer, h_raw, None), None),
+            )
             h_res, f_local = local[:n_fm], local[n_fm:]
             f = f_local if f_remote is None else [be.add(a, b) for a, b in zip(f_local, f_remote, strict=True)]
         f = self.weights.add_bias(f, L.b2, geo)
         y_raw = [be.add(a, b) for a, b in zip(h_res, f, strict=True)]
-        return self.emit(ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(y_raw, inference, r + 1,
-                                                                                     f"{layer}.y"), {})
+        return self.emit(
+            ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(y_raw, inference, r + 1, f"{layer}.y"), {}
+        )
 
-    def after_ffn_refresh(self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int,
-                          replies: list[bytes]) -> StepOutput:
+    def after_ffn_refresh(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, replies: list[bytes]
+    ) -> StepOutput:
         """The refreshed y starts the next layer, or after the last one gives the logits."""
         n_fm = geo.fm_cts(geo.hidden)
-        y_raw = self.masks.unmask(load_fresh(self.backend, replies, n_fm, "refresh reply"), inference, r,
-                                  f"{layer}.y", geo)
+        y_raw = self.masks.unmask(
+            load_fresh(self.backend, replies, n_fm, "refresh reply"), inference, r, f"{layer}.y", geo
+        )
         if layer + 1 < len(self.plan.layers):
             return self.begin_layer(ctx, inference, geo, layer + 1, y_raw, r + 1)
         return self.logits(ctx, inference, geo, y_raw, r)
 
-    def logits(self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext],
-               r: int) -> StepOutput:
+    def logits(
+        self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int
+    ) -> StepOutput:
         """Pooling and the classifier head, one ciphertext per label (its value in every slot)."""
         cfg = self.plan.config
         pool = np.zeros((geo.n, 1))
@@ -196,12 +262,19 @@ class RoundMachine:
         for c in range(cfg.num_labels):
             weights = geo.pack_fm(pool * self.plan.head_w[:, c][None, :])
             outputs.append(save_bytes(self._label_logit(ctx, y_raw, weights, self.plan.head_b[c])))
-        return StepOutput(inference_id=inference, round=r + 1, done=True, to_client=outputs, state=None,
-                          kind="logits", meta={"num_labels": cfg.num_labels, "labels": self.labels(),
-                                               "protocol": PROTOCOL})
+        return StepOutput(
+            inference_id=inference,
+            round=r + 1,
+            done=True,
+            to_client=outputs,
+            state=None,
+            kind="logits",
+            meta={"num_labels": cfg.num_labels, "labels": self.labels(), "protocol": PROTOCOL},
+        )
 
-    def _label_logit(self, ctx: EvalContext, y_raw: list[seal.Ciphertext], weights: list[np.ndarray],
-                     bias: float) -> seal.Ciphertext:
+    def _label_logit(
+        self, ctx: EvalContext, y_raw: list[seal.Ciphertext], weights: list[np.ndarray], bias: float
+    ) -> seal.Ciphertext:
         be = self.backend
         terms = []
         for idx in range(len(y_raw)):

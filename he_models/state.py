@@ -47,18 +47,25 @@ class StateSealer:
     def _tag(self, body: bytes) -> bytes:
         return hmac.new(self._secret, body, hashlib.sha256).digest()
 
-    def seal(self, header: RoundHeader, keep: dict[str, list[seal.Ciphertext]]) -> bytes:
+    def seal_blob(self, header: RoundHeader, keep: dict[str, list[seal.Ciphertext]]) -> bytes:
         """Tag + framed (JSON header, ciphertexts of `keep` in order)."""
-        fields = {"format": STATE_FORMAT, "inference_id": header.inference_id, "round": header.round,
-                  "kind": header.kind, "geometry": header.geometry, "key": header.key,
-                  "model": self._model_hash, "tensors": {name: len(cts) for name, cts in keep.items()}}
+        fields = {
+            "format": STATE_FORMAT,
+            "inference_id": header.inference_id,
+            "round": header.round,
+            "kind": header.kind,
+            "geometry": header.geometry,
+            "key": header.key,
+            "model": self._model_hash,
+            "tensors": {name: len(cts) for name, cts in keep.items()},
+        }
         frames = [json.dumps(fields).encode()]
         for name in keep:
             frames.extend(save_bytes(ct) for ct in keep[name])
         body = pack_frames(frames)
         return self._tag(body) + body
 
-    def open(self, state: bytes) -> tuple[RoundHeader, dict[str, list[seal.Ciphertext]]]:
+    def open_blob(self, state: bytes) -> tuple[RoundHeader, dict[str, list[seal.Ciphertext]]]:
         """Verify the tag, then parse; any refusal is an EngineError (the blob came back from a client)."""
         if not isinstance(state, bytes | bytearray) or len(state) < TAG_BYTES + 8:
             raise EngineError("engine state is missing or truncated")
@@ -70,12 +77,20 @@ class StateSealer:
             fields = json.loads(frames[0])
         except (WireError, ValueError, IndexError):
             raise EngineError("engine state is malformed") from None
-        if not isinstance(fields, dict) or fields.get("format") != STATE_FORMAT or (
-                fields.get("model") != self._model_hash):
+        if (
+            not isinstance(fields, dict)
+            or fields.get("format") != STATE_FORMAT
+            or (fields.get("model") != self._model_hash)
+        ):
             raise EngineError("engine state belongs to another model or format")
         try:
-            header = RoundHeader(inference_id=fields["inference_id"], round=int(fields["round"]),
-                                 kind=fields["kind"], geometry=fields["geometry"], key=fields["key"])
+            header = RoundHeader(
+                inference_id=fields["inference_id"],
+                round=int(fields["round"]),
+                kind=fields["kind"],
+                geometry=fields["geometry"],
+                key=fields["key"],
+            )
             return header, self._load_tensors(fields["tensors"], frames[1:])
         except (KeyError, TypeError, ValueError, IndexError, CKKSError):
             raise EngineError("engine state is malformed") from None

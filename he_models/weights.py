@@ -59,8 +59,14 @@ class WeightKernels:
 
     def chunk_geometry(self) -> Geometry:
         cfg = self.plan.config
-        return Geometry(n=CHUNK, n_p=CHUNK, hidden=cfg.hidden_size, heads=cfg.num_heads,
-                        intermediate=cfg.intermediate_size, slots=self.slots)
+        return Geometry(
+            n=CHUNK,
+            n_p=CHUNK,
+            hidden=cfg.hidden_size,
+            heads=cfg.num_heads,
+            intermediate=cfg.intermediate_size,
+            slots=self.slots,
+        )
 
     def maps(self) -> list[LayerMaps]:
         """Weight kernels for one 32-token chunk, encoded once; longer inputs apply them per chunk."""
@@ -82,8 +88,9 @@ class WeightKernels:
             ffn2=self._linear(geo, layer.w2, fm_i, fm_h, 1, s * s / be.last_prime(2)),
         )
 
-    def _linear(self, geo: Geometry, weight: np.ndarray, n_in: int, n_out: int, level: int,
-                in_scale: float) -> EncodedMap:
+    def _linear(
+        self, geo: Geometry, weight: np.ndarray, n_in: int, n_out: int, level: int, in_scale: float
+    ) -> EncodedMap:
         babies = self.plan.block_babies(CHUNK)
         dmap = build_map_fewest_rotations(*fm_triplets(geo, weight), n_in, n_out, self.slots, CHUNK, babies)
         return encode_map(self.backend, dmap, level, in_scale, self.plan.params.scale)
@@ -106,8 +113,9 @@ class WeightKernels:
         s = self.plan.params.scale
         return encode_map(self.backend, dmap, level, s, s)
 
-    def per_chunk(self, emap: EncodedMap, cts: list[seal.Ciphertext],
-                  galois: seal.GaloisKeys) -> list[list[seal.Ciphertext]]:
+    def per_chunk(
+        self, emap: EncodedMap, cts: list[seal.Ciphertext], galois: seal.GaloisKeys
+    ) -> list[list[seal.Ciphertext]]:
         """Apply a one-chunk kernel to each chunk's ciphertexts; outputs grouped by chunk."""
         n_in = emap.dmap.n_in
         if len(cts) % n_in:
