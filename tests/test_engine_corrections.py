@@ -76,8 +76,11 @@ def test_layouts_are_planned_once_per_geometry():
     second = kernels.build("c4", geo, rng.normal(size=(HEADS, 5, 5)))
     assert kernels.layout("c4", geo, None, None) is kernels.layout("c4", geo, None, None)  # cached: slots unused
     assert first.dmap.rotations() == second.dmap.rotations()
-    assert kernels.layout("c4", engine.geometry(6), *correction_triplets(
-        CORRECTIONS["c4"], engine.geometry(6), np.zeros((HEADS, 6, 6)))[:2]) is not kernels.layout("c4", geo, None, None)
+    assert kernels.layout(
+        "c4",
+        engine.geometry(6),
+        *correction_triplets(CORRECTIONS["c4"], engine.geometry(6), np.zeros((HEADS, 6, 6)))[:2],
+    ) is not kernels.layout("c4", geo, None, None)
 
 
 @pytest.mark.parametrize("name", sorted(CORRECTIONS))

@@ -36,9 +36,12 @@ def test_masks_are_a_prf_of_secret_inference_round_and_tensor(backend):
     assert len(a) == 2 and all(v.shape == (PARAMS.slots,) for v in a)
     again = Masks(SECRET, backend, limits).draw("inf", 1, "0.q", 2)  # another replica
     assert all(np.array_equal(x, y) for x, y in zip(a, again, strict=True))
-    others = [masks.draw("inf", 2, "0.q", 1)[0], masks.draw("other", 1, "0.q", 1)[0],
-              masks.draw("inf", 1, "0.k", 1)[0], Masks(b"another-secret-0123456789", backend, limits).draw(
-                  "inf", 1, "0.q", 1)[0]]
+    others = [
+        masks.draw("inf", 2, "0.q", 1)[0],
+        masks.draw("other", 1, "0.q", 1)[0],
+        masks.draw("inf", 1, "0.k", 1)[0],
+        Masks(b"another-secret-0123456789", backend, limits).draw("inf", 1, "0.q", 1)[0],
+    ]
     assert not any(np.allclose(a[0], o) for o in others)
     width = limits["0.q"][0]
     flat = np.concatenate(a)

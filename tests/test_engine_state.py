@@ -77,12 +77,32 @@ def test_touched_blobs_are_refused(env, change):
     assert isinstance(info.value, ClientInputError)
 
 
-@pytest.mark.parametrize("body", [b"not framed at all", pack_frames([b"{not json"]), pack_frames([]),
-                                  pack_frames([b'{"format": "cipherbert-engine-state/1", "model": "model-hash"}']),
-                                  pack_frames([json.dumps({"format": STATE_FORMAT, "model": "model-hash",
-                                                           "inference_id": "i", "round": 1, "kind": "scores",
-                                                           "geometry": {}, "key": "k",
-                                                           "tensors": {"q": 2}}).encode(), b"junk"])])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not framed at all",
+        pack_frames([b"{not json"]),
+        pack_frames([]),
+        pack_frames([b'{"format": "cipherbert-engine-state/1", "model": "model-hash"}']),
+        pack_frames(
+            [
+                json.dumps(
+                    {
+                        "format": STATE_FORMAT,
+                        "model": "model-hash",
+                        "inference_id": "i",
+                        "round": 1,
+                        "kind": "scores",
+                        "geometry": {},
+                        "key": "k",
+                        "tensors": {"q": 2},
+                    }
+                ).encode(),
+                b"junk",
+            ]
+        ),
+    ],
+)
 def test_authentic_but_malformed_bodies_are_engine_errors(env, body):
     """A blob signed with the right secret but malformed (a server bug) still fails as EngineError."""
     backend, _, _ = env

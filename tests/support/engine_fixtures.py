@@ -44,14 +44,14 @@ def embeddings(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, hidden)) * 0.5
 
 
-def first_step(engine: EncryptedEngine, keys: ClientKeys, ctx: EvalContext, n: int,
-               inference_id: str) -> StepOutput:
+def first_step(engine: EncryptedEngine, keys: ClientKeys, ctx: EvalContext, n: int, inference_id: str) -> StepOutput:
     geo = engine.geometry(n)
     return engine.start(ctx, inference_id, n, encrypt_embeddings(keys, embeddings(n), geo))
 
 
-def run_protocol(engine: EncryptedEngine, keys: ClientKeys, ctx: EvalContext, emb: np.ndarray,
-                 inference_id: str) -> tuple[np.ndarray, list[StepOutput]]:
+def run_protocol(
+    engine: EncryptedEngine, keys: ClientKeys, ctx: EvalContext, emb: np.ndarray, inference_id: str
+) -> tuple[np.ndarray, list[StepOutput]]:
     """The client loop; returns the logits and every StepOutput on the way."""
     geo = engine.geometry(emb.shape[0])
     out = engine.start(ctx, inference_id, emb.shape[0], encrypt_embeddings(keys, emb, geo))
