@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -19,8 +20,12 @@ from he_models.ckks import CKKSError, CKKSParams, encode_vector, load_ciphertext
 from he_models.layout import PROTOCOL, Geometry, client_context, client_scores
 from he_models.wire import pack_frames, unpack_frames
 
-EMBEDDING_TENSORS = ("embeddings.word.weight", "embeddings.position.weight",
-                     "embeddings.norm.weight", "embeddings.norm.bias")
+EMBEDDING_TENSORS = (
+    "embeddings.word.weight",
+    "embeddings.position.weight",
+    "embeddings.norm.weight",
+    "embeddings.norm.bias",
+)
 
 
 class ClientError(ValueError):
@@ -30,8 +35,13 @@ class ClientError(ValueError):
 class ClientKeys:
     """A CKKS key set owned by the client. `save` writes the secret key: keep that file private."""
 
-    def __init__(self, params: CKKSParams, galois_steps: list[int], secret_key: seal.SecretKey,
-                 context: seal.SEALContext | None = None) -> None:
+    def __init__(
+        self,
+        params: CKKSParams,
+        galois_steps: list[int],
+        secret_key: seal.SecretKey,
+        context: seal.SEALContext | None = None,
+    ) -> None:
         self.params = params
         self.galois_steps = sorted(int(s) for s in galois_steps)
         self.context = context or params.seal_context()
@@ -42,7 +52,7 @@ class ClientKeys:
         self._public: bytes | None = None
 
     @classmethod
-    def generate(cls, params: CKKSParams | dict, galois_steps: list[int]) -> "ClientKeys":
+    def generate(cls, params: CKKSParams | dict, galois_steps: list[int]) -> ClientKeys:
         if isinstance(params, dict):
             params = CKKSParams.from_dict(params)
         context = params.seal_context()
@@ -74,7 +84,7 @@ class ClientKeys:
         os.chmod(path, 0o600)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClientKeys":
+    def load(cls, path: str | Path) -> ClientKeys:
         frames = unpack_frames(Path(path).read_bytes(), max_frames=4)
         header = json.loads(frames[0])
         params = CKKSParams.from_dict(header["params"])
@@ -144,8 +154,9 @@ def check_protocol(meta: dict) -> None:
     """Client and server must pack alike; a mismatch would decrypt to garbage, so say it instead."""
     theirs = meta.get("protocol")
     if theirs != PROTOCOL:
-        raise ClientError(f"server speaks protocol {theirs!r}; this client speaks {PROTOCOL!r} — upgrade "
-                          f"the client (or the server)")
+        raise ClientError(
+            f"server speaks protocol {theirs!r}; this client speaks {PROTOCOL!r} — upgrade the client (or the server)"
+        )
 
 
 def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.ndarray:
@@ -158,7 +169,7 @@ def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.nd
 class Embedder:
     """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
 
-    tokenizer: object
+    tokenizer: Any
     word: np.ndarray
     position: np.ndarray
     norm_weight: np.ndarray
@@ -167,7 +178,7 @@ class Embedder:
     eps: float = 1e-12
 
     @classmethod
-    def from_files(cls, tokenizer_json: str | Path, tables: dict[str, np.ndarray], max_tokens: int) -> "Embedder":
+    def from_files(cls, tokenizer_json: str | Path, tables: dict[str, np.ndarray], max_tokens: int) -> Embedder:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer_json))
@@ -176,10 +187,11 @@ class Embedder:
         missing = [k for k in EMBEDDING_TENSORS if k not in tables]
         if missing:
             raise ClientError(f"embedding tables missing {missing}")
-        return cls(tok, *(tables[k].astype(np.float64) for k in EMBEDDING_TENSORS), max_tokens=max_tokens)
+        word, position, norm_weight, norm_bias = (tables[k].astype(np.float64) for k in EMBEDDING_TENSORS)
+        return cls(tok, word, position, norm_weight, norm_bias, max_tokens=max_tokens)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> "Embedder":
+    def from_model_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> Embedder:
         from safetensors.numpy import load_file
 
         model_dir = Path(model_dir)
@@ -194,10 +206,10 @@ class Embedder:
         return self.tokenizer.encode(text).ids
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
-        ids = np.asarray(ids[: self.max_tokens])
-        if ids.max(initial=0) >= self.word.shape[0]:
+        index = np.asarray(ids[: self.max_tokens])
+        if index.max(initial=0) >= self.word.shape[0]:
             raise ClientError("token id outside the vocabulary")
-        x = self.word[ids] + self.position[: len(ids)]
+        x = self.word[index] + self.position[: len(index)]
         mean = x.mean(-1, keepdims=True)
         var = x.var(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + self.eps) * self.norm_weight + self.norm_bias
@@ -207,5 +219,4 @@ class Embedder:
         return self.embed_ids(self.token_ids(text))
 
 
-__all__ = ["ClientKeys", "ClientError", "CKKSError", "Embedder", "encrypt_embeddings", "answer_round",
-           "decrypt_logits"]
+__all__ = ["ClientKeys", "ClientError", "CKKSError", "Embedder", "encrypt_embeddings", "answer_round", "decrypt_logits"]
