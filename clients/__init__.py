@@ -3,4 +3,13 @@
 from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
 from clients.sdk import CipherbertError, Client, Result, Session
 
-__all__ = ["CipherbertError", "Client", "ClientHalf", "HEModelsClientHalf", "KeySet", "Result", "Session", "TextEmbedder"]
+__all__ = [
+    "CipherbertError",
+    "Client",
+    "ClientHalf",
+    "HEModelsClientHalf",
+    "KeySet",
+    "Result",
+    "Session",
+    "TextEmbedder",
+]

@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -95,10 +96,20 @@ def _private_dir(path: Path) -> Path:
 
 
 class Client:
-    def __init__(self, base_url: str | list[str], api_key: str, *, model: str | None = None,
-                 cache_dir: str | Path | None = None, keystore_dir: str | Path | None = None,
-                 timeout: float = 300.0, retries: int = 20, progress: Callable[[str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None, client_half: ClientHalf | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | list[str],
+        api_key: str,
+        *,
+        model: str | None = None,
+        cache_dir: str | Path | None = None,
+        keystore_dir: str | Path | None = None,
+        timeout: float = 300.0,
+        retries: int = 20,
+        progress: Callable[[str], None] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        client_half: ClientHalf | None = None,
+    ) -> None:
         """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
         one inference's rounds cross servers, which a replicated deployment must allow). `client_half`
         does the cryptography (default: he_models' client half)."""
@@ -113,8 +124,11 @@ class Client:
         self.retries = retries
         self.client_half: ClientHalf = client_half or HEModelsClientHalf()
         self.progress = progress or (lambda msg: None)
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
-                                 headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"})
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"},
+        )
         self._bundles: dict[str, tuple[dict, Path]] = {}
         self.key_upload_bytes = 0
         self._sessions: dict[str, Session] = {}  # model_id -> keys, key id, embedder, bundle
@@ -123,7 +137,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,8 +180,11 @@ class Client:
         except (ValueError, AttributeError):
             code, detail = None, resp.text[:200]
         hint = {401: " (check the API key)", 429: " (rate limited)", 503: " (server busy or not ready)"}
-        return CipherbertError(f"server answered {resp.status_code} {code or ''}: {detail}"
-                               f"{hint.get(resp.status_code, '')}", status=resp.status_code, code=code)
+        return CipherbertError(
+            f"server answered {resp.status_code} {code or ''}: {detail}{hint.get(resp.status_code, '')}",
+            status=resp.status_code,
+            code=code,
+        )
 
     # models and bundles --------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -260,10 +277,23 @@ class Client:
     def _register(self, keys: KeySet, bundle: dict, meta_path: Path) -> str:
         public = keys.public_keys_bytes()
         self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
-        info = self._request("POST", "/v1/keys", params={"model": bundle["model_id"]}, content=public,
-                             headers={"Content-Type": "application/octet-stream"}).json()
-        meta_path.write_text(json.dumps({"key_id": info["key_id"], "model_id": bundle["model_id"],
-                                         "expires_at": info["expires_at"], "server": self.base_urls}))
+        info = self._request(
+            "POST",
+            "/v1/keys",
+            params={"model": bundle["model_id"]},
+            content=public,
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "key_id": info["key_id"],
+                    "model_id": bundle["model_id"],
+                    "expires_at": info["expires_at"],
+                    "server": self.base_urls,
+                }
+            )
+        )
         self.key_upload_bytes = len(public)
         return info["key_id"]
 
@@ -281,11 +311,13 @@ class Client:
                 del self._sessions[model]
 
     # inference --------------------------------------------------------------------------------------
-    def _post_frames(self, path: str, frames: list[bytes], params: dict | None = None,
-                     headers: dict | None = None) -> tuple[dict, list[bytes], int, int, str]:
+    def _post_frames(
+        self, path: str, frames: list[bytes], params: dict | None = None, headers: dict | None = None
+    ) -> tuple[dict, list[bytes], int, int, str]:
         body = pack_frames(frames)
-        resp = self._request("POST", path, params=params, content=body,
-                             headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})})
+        resp = self._request(
+            "POST", path, params=params, content=body, headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})}
+        )
         try:
             got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
             header = json.loads(got[0])
@@ -319,8 +351,10 @@ class Client:
         frames = half.encrypt_embeddings(keys, emb, half.geometry(bundle, n_tokens))
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
-            "/v1/inferences", frames,
-            params={"model": bundle["model_id"], "key_id": session.key_id, "n_tokens": n_tokens})
+            "/v1/inferences",
+            frames,
+            params={"model": bundle["model_id"], "key_id": session.key_id, "n_tokens": n_tokens},
+        )
         replicas, rounds, t_client = [replica], 0, 0.0
         t_server = float(header.get("server_s") or 0.0)
         while not header["done"]:
@@ -332,8 +366,8 @@ class Client:
             iid, rnd = header["inference_id"], header["round"]
             try:
                 header, to_client, u, d, replica = self._post_frames(
-                    f"/v1/inferences/{iid}/rounds/{rnd}", replies,
-                    headers={ROUND_TOKEN_HEADER: header["round_token"]})
+                    f"/v1/inferences/{iid}/rounds/{rnd}", replies, headers={ROUND_TOKEN_HEADER: header["round_token"]}
+                )
             except CipherbertError as exc:  # the inference started but did not finish
                 exc.inference_id, exc.round = iid, rnd
                 raise
@@ -346,11 +380,20 @@ class Client:
         probs = _softmax(logits)
         labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
         idx = int(np.argmax(logits))
-        return Result(label=str(labels[idx]) if idx < len(labels) else str(idx),
-                      probabilities=[float(p) for p in probs], logits=[float(x) for x in logits],
-                      latency_s=time.perf_counter() - t0, upload_bytes=up, download_bytes=down, rounds=rounds,
-                      n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
-                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server})
+        return Result(
+            label=str(labels[idx]) if idx < len(labels) else str(idx),
+            probabilities=[float(p) for p in probs],
+            logits=[float(x) for x in logits],
+            latency_s=time.perf_counter() - t0,
+            upload_bytes=up,
+            download_bytes=down,
+            rounds=rounds,
+            n_tokens=n_tokens,
+            inference_id=header["inference_id"],
+            model_id=bundle["model_id"],
+            replicas=replicas,
+            timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server},
+        )
 
     def classify_batch(self, texts: list[str], model: str | None = None, concurrency: int = 1) -> list[Result]:
         """Classify several texts; `concurrency` > 1 keeps that many inferences in flight (threads: the
