@@ -156,7 +156,7 @@ def cmd_keys(args) -> int:
             if not keys:
                 print("no keys registered for this API key's tenant", file=sys.stderr)
             for k in keys:
-                exp = dt.datetime.fromtimestamp(k["expires_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                exp = dt.datetime.fromtimestamp(k["expires_at"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
                 print(f"{k['key_id']}\t{k['model_id']}\t{k['size'] / 1e6:.1f} MB\texpires {exp}")
         else:
             client.delete_key(args.key_id)
@@ -167,7 +167,7 @@ def cmd_keys(args) -> int:
 def cmd_classify(args) -> int:
     with _client(args) as client:
         results = client.classify_batch(args.text, concurrency=args.concurrency)
-        for text, r in zip(args.text, results):
+        for text, r in zip(args.text, results, strict=True):
             if args.json:
                 print(json.dumps({"text": text, **r.to_dict()}))
             else:

@@ -11,28 +11,33 @@ for the steps the model needs, keeps the secret key in a local keystore file (mo
 registers the public evaluation context, then for each sentence: tokenize + embed locally, encrypt,
 upload, answer the server's masked refresh rounds (decrypt, re-encrypt), decrypt the logits.
 
+The cryptography is the client half's (`clients.client_half.ClientHalf`): by default he_models'
+(`HEModelsClientHalf`); another engine's client half is passed in as `Client(..., client_half=...)`.
+A bundle that names a different client module is refused with a clear error, never imported.
+
 Depends on httpx, numpy, tenseal and he_models.client/wire only: never torch, never the server.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import httpx
 import numpy as np
 
+from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
 FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
-ALLOWED_CLIENT_MODULES = ("he_models.client", "tests.support.toyengine")
+DEFAULT_CLIENT_MODULE = "he_models.client"
 
 
 class CipherbertError(RuntimeError):
@@ -64,6 +69,17 @@ class Result:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class Session:
+    """What the SDK holds per model once keys exist and are registered (built once, then reused)."""
+
+    keys: KeySet
+    key_id: str
+    embedder: TextEmbedder
+    bundle: dict
+    bundle_dir: Path
+
+
 def default_home() -> Path:
     return Path(os.environ.get("CIPHERBERT_HOME", Path.home() / ".cache" / "cipherbert"))
 
@@ -80,12 +96,23 @@ def _private_dir(path: Path) -> Path:
 
 
 class Client:
-    def __init__(self, base_url: str | list[str], api_key: str, *, model: str | None = None,
-                 cache_dir: str | Path | None = None, keystore_dir: str | Path | None = None,
-                 timeout: float = 300.0, retries: int = 20, progress: Callable[[str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | list[str],
+        api_key: str,
+        *,
+        model: str | None = None,
+        cache_dir: str | Path | None = None,
+        keystore_dir: str | Path | None = None,
+        timeout: float = 300.0,
+        retries: int = 20,
+        progress: Callable[[str], None] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        client_half: ClientHalf | None = None,
+    ) -> None:
         """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
-        one inference's rounds cross servers, which a replicated deployment must allow)."""
+        one inference's rounds cross servers, which a replicated deployment must allow). `client_half`
+        does the cryptography (default: he_models' client half)."""
         self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
         if not self.base_urls:
             raise CipherbertError("no server URL given")
@@ -95,21 +122,25 @@ class Client:
         self.home = Path(cache_dir) if cache_dir else default_home()
         self.keystore_dir = Path(keystore_dir) if keystore_dir else self.home / "keys"
         self.retries = retries
+        self.client_half: ClientHalf = client_half or HEModelsClientHalf()
         self.progress = progress or (lambda msg: None)
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
-                                 headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"})
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"},
+        )
         self._bundles: dict[str, tuple[dict, Path]] = {}
         self.key_upload_bytes = 0
-        self._sessions: dict[str, tuple] = {}  # model_id -> (keys, key_id, client module, embedder)
+        self._sessions: dict[str, Session] = {}  # model_id -> keys, key id, embedder, bundle
 
     # http ----------------------------------------------------------------------------------------
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _url(self, path: str) -> str:
@@ -117,7 +148,7 @@ class Client:
         self._rr += 1
         return base + path
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One API call with retries on 429/503 (Retry-After) and on connection errors before sending."""
         for attempt in range(self.retries + 1):
             url = self._url(path)
@@ -149,8 +180,11 @@ class Client:
         except (ValueError, AttributeError):
             code, detail = None, resp.text[:200]
         hint = {401: " (check the API key)", 429: " (rate limited)", 503: " (server busy or not ready)"}
-        return CipherbertError(f"server answered {resp.status_code} {code or ''}: {detail}"
-                               f"{hint.get(resp.status_code, '')}", status=resp.status_code, code=code)
+        return CipherbertError(
+            f"server answered {resp.status_code} {code or ''}: {detail}{hint.get(resp.status_code, '')}",
+            status=resp.status_code,
+            code=code,
+        )
 
     # models and bundles --------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -188,12 +222,14 @@ class Client:
         self._bundles[model] = (bundle, bdir)
         return bundle, bdir
 
-    @staticmethod
-    def client_module(bundle: dict):
-        name = bundle.get("client_module", "he_models.client")
-        if name not in ALLOWED_CLIENT_MODULES:
-            raise CipherbertError(f"bundle asks for unknown client module {name!r}")
-        return importlib.import_module(name)
+    def check_client_half(self, bundle: dict) -> None:
+        """Refuse a model whose client side is not this SDK's client half (never import what it names)."""
+        name = bundle.get("client_module", DEFAULT_CLIENT_MODULE)
+        if name != self.client_half.module:
+            raise CipherbertError(
+                f"model {bundle.get('model_id')!r} needs the client half {name!r}, but this client uses "
+                f"{self.client_half.module!r}: pass a matching one as Client(..., client_half=...)"
+            )
 
     # keys ------------------------------------------------------------------------------------------
     def _keystore_paths(self, bundle: dict) -> tuple[Path, Path]:
@@ -202,31 +238,31 @@ class Client:
         stem = f"{bundle['model_id']}-{bundle['model_hash'][:16]}"
         return kdir / f"{stem}.secret", kdir / f"{stem}.json"
 
-    def _session(self, model: str | None = None):
+    def _session(self, model: str | None = None) -> Session:
         model = model or self.model_id()
         if model in self._sessions:
             return self._sessions[model]
         bundle, bdir = self.bundle(model)
-        mod = self.client_module(bundle)
+        self.check_client_half(bundle)
         secret_path, meta_path = self._keystore_paths(bundle)
         if secret_path.exists():
-            keys = mod.ClientKeys.load(secret_path)
+            keys = self.client_half.load_keys(secret_path)
         else:
             self.progress("generating CKKS keys (only the model's rotation steps; once per server and model)")
             t0 = time.perf_counter()
-            keys = mod.ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
+            keys = self.client_half.generate_keys(bundle["ckks"], bundle["galois_steps"])
             keys.public_keys_bytes()  # the Galois keys are the slow part (cached by ClientKeys)
             save_secret(keys, secret_path)
             self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
-        key_id = None
+        key_id: str | None = None
         if meta_path.exists():
             key_id = json.loads(meta_path.read_text()).get("key_id")
             if key_id and not self._key_alive(key_id):
                 key_id = None
         if key_id is None:
             key_id = self._register(keys, bundle, meta_path)
-        embedder = _embedder(mod, bundle, bdir)
-        self._sessions[model] = (keys, key_id, mod, embedder, bundle)
+        embedder = self.client_half.embedder(bundle, bdir)
+        self._sessions[model] = Session(keys=keys, key_id=key_id, embedder=embedder, bundle=bundle, bundle_dir=bdir)
         return self._sessions[model]
 
     def _key_alive(self, key_id: str) -> bool:
@@ -238,19 +274,32 @@ class Client:
                 return False
             raise
 
-    def _register(self, keys, bundle: dict, meta_path: Path) -> str:
+    def _register(self, keys: KeySet, bundle: dict, meta_path: Path) -> str:
         public = keys.public_keys_bytes()
         self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
-        info = self._request("POST", "/v1/keys", params={"model": bundle["model_id"]}, content=public,
-                             headers={"Content-Type": "application/octet-stream"}).json()
-        meta_path.write_text(json.dumps({"key_id": info["key_id"], "model_id": bundle["model_id"],
-                                         "expires_at": info["expires_at"], "server": self.base_urls}))
+        info = self._request(
+            "POST",
+            "/v1/keys",
+            params={"model": bundle["model_id"]},
+            content=public,
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "key_id": info["key_id"],
+                    "model_id": bundle["model_id"],
+                    "expires_at": info["expires_at"],
+                    "server": self.base_urls,
+                }
+            )
+        )
         self.key_upload_bytes = len(public)
         return info["key_id"]
 
     def register_keys(self, model: str | None = None) -> str:
         """Make sure keys exist locally and are registered; return the key id."""
-        return self._session(model)[1]
+        return self._session(model).key_id
 
     def list_keys(self) -> list[dict]:
         return self._request("GET", "/v1/keys").json()["keys"]
@@ -258,15 +307,17 @@ class Client:
     def delete_key(self, key_id: str) -> None:
         self._request("DELETE", f"/v1/keys/{key_id}")
         for model, sess in list(self._sessions.items()):
-            if sess[1] == key_id:
+            if sess.key_id == key_id:
                 del self._sessions[model]
 
     # inference --------------------------------------------------------------------------------------
-    def _post_frames(self, path: str, frames: list[bytes], params: dict | None = None,
-                     headers: dict | None = None) -> tuple[dict, list[bytes], int, int, str]:
+    def _post_frames(
+        self, path: str, frames: list[bytes], params: dict | None = None, headers: dict | None = None
+    ) -> tuple[dict, list[bytes], int, int, str]:
         body = pack_frames(frames)
-        resp = self._request("POST", path, params=params, content=body,
-                             headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})})
+        resp = self._request(
+            "POST", path, params=params, content=body, headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})}
+        )
         try:
             got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
             header = json.loads(got[0])
@@ -292,28 +343,31 @@ class Client:
     def _classify(self, text: str, model: str | None = None) -> Result:
         if not isinstance(text, str) or not text.strip():
             raise CipherbertError("cannot classify an empty text")
-        keys, key_id, mod, embedder, bundle = self._session(model)
+        session, half = self._session(model), self.client_half
+        keys, bundle = session.keys, session.bundle
         t0 = time.perf_counter()
-        emb = np.asarray(embedder.embed(text))
+        emb = np.asarray(session.embedder.embed(text))
         n_tokens = int(emb.shape[0])
-        frames = mod.encrypt_embeddings(keys, emb, _geometry(mod, bundle, n_tokens))
+        frames = half.encrypt_embeddings(keys, emb, half.geometry(bundle, n_tokens))
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
-            "/v1/inferences", frames,
-            params={"model": bundle["model_id"], "key_id": key_id, "n_tokens": n_tokens})
+            "/v1/inferences",
+            frames,
+            params={"model": bundle["model_id"], "key_id": session.key_id, "n_tokens": n_tokens},
+        )
         replicas, rounds, t_client = [replica], 0, 0.0
         t_server = float(header.get("server_s") or 0.0)
         while not header["done"]:
             rounds += 1
             self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
             tc = time.perf_counter()
-            replies = mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+            replies = half.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
             t_client += time.perf_counter() - tc
             iid, rnd = header["inference_id"], header["round"]
             try:
                 header, to_client, u, d, replica = self._post_frames(
-                    f"/v1/inferences/{iid}/rounds/{rnd}", replies,
-                    headers={ROUND_TOKEN_HEADER: header["round_token"]})
+                    f"/v1/inferences/{iid}/rounds/{rnd}", replies, headers={ROUND_TOKEN_HEADER: header["round_token"]}
+                )
             except CipherbertError as exc:  # the inference started but did not finish
                 exc.inference_id, exc.round = iid, rnd
                 raise
@@ -321,16 +375,25 @@ class Client:
             replicas.append(replica)
             t_server += float(header.get("server_s") or 0.0)
         tc = time.perf_counter()
-        logits = np.asarray(mod.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
+        logits = np.asarray(half.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
         t_client += time.perf_counter() - tc
         probs = _softmax(logits)
         labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
         idx = int(np.argmax(logits))
-        return Result(label=str(labels[idx]) if idx < len(labels) else str(idx),
-                      probabilities=[float(p) for p in probs], logits=[float(x) for x in logits],
-                      latency_s=time.perf_counter() - t0, upload_bytes=up, download_bytes=down, rounds=rounds,
-                      n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
-                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server})
+        return Result(
+            label=str(labels[idx]) if idx < len(labels) else str(idx),
+            probabilities=[float(p) for p in probs],
+            logits=[float(x) for x in logits],
+            latency_s=time.perf_counter() - t0,
+            upload_bytes=up,
+            download_bytes=down,
+            rounds=rounds,
+            n_tokens=n_tokens,
+            inference_id=header["inference_id"],
+            model_id=bundle["model_id"],
+            replicas=replicas,
+            timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server},
+        )
 
     def classify_batch(self, texts: list[str], model: str | None = None, concurrency: int = 1) -> list[Result]:
         """Classify several texts; `concurrency` > 1 keeps that many inferences in flight (threads: the
@@ -345,25 +408,7 @@ class Client:
             return list(ex.map(lambda t: self.classify(t, model=model), texts))
 
 
-def _embedder(mod, bundle: dict, bundle_dir: Path):
-    if hasattr(mod, "sdk_embedder"):
-        return mod.sdk_embedder(bundle, bundle_dir)
-    from safetensors.numpy import load_file
-
-    tables = load_file(str(bundle_dir / "embeddings.safetensors"))
-    return mod.Embedder.from_files(bundle_dir / "tokenizer.json", tables, int(bundle["max_tokens"]))
-
-
-def _geometry(mod, bundle: dict, n_tokens: int):
-    if hasattr(mod, "sdk_geometry"):
-        return mod.sdk_geometry(bundle, n_tokens)
-    from he_models.layout import Geometry
-
-    return Geometry.for_tokens(n_tokens, int(bundle["hidden_size"]), int(bundle["num_heads"]),
-                               int(bundle["intermediate_size"]), int(bundle["ckks"]["poly_modulus_degree"]) // 2)
-
-
-def save_secret(keys, path: Path) -> None:
+def save_secret(keys: KeySet, path: Path) -> None:
     """Write the full context (with the secret key) readable by the owner only (0600, atomic)."""
     _private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")

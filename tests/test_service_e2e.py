@@ -52,7 +52,7 @@ def test_encrypted_inference_through_the_server(models_dir, random_model_dir, tm
         with Client(server.url, KEY, cache_dir=tmp_path / "client", transport=Recorder()) as client:
             result = client.classify(SENTENCE)
             key_id = client.register_keys()
-            keys = client._session()[0]
+            keys = client._session().keys
         bad_input_is_4xx(server.url, key_id, keys)
         metrics = httpx.get(f"{server.url}/metrics").text
     finally:

@@ -192,10 +192,30 @@ class Embedder:
         return self.table[_tokens(text, self.table.shape[0], int(self.config["max_tokens"]))]
 
 
-# SDK hooks: how the SDK builds this client half's embedder and per-sentence geometry.
-def sdk_embedder(bundle: dict, bundle_dir) -> Embedder:
-    return Embedder(bundle_dir)
+class ToyClientHalf:
+    """This stand-in's client half, for the SDK: `Client(url, key, client_half=ToyClientHalf())`."""
+
+    module = "tests.support.toyengine"
+
+    def generate_keys(self, ckks: dict, galois_steps: list[int]) -> ClientKeys:
+        return ClientKeys.generate(ckks, galois_steps)
+
+    def load_keys(self, path) -> ClientKeys:
+        return ClientKeys.load(path)
+
+    def embedder(self, bundle: dict, bundle_dir) -> Embedder:
+        return Embedder(bundle_dir)
+
+    def geometry(self, bundle: dict, n_tokens: int) -> None:
+        return None
+
+    encrypt_embeddings = staticmethod(encrypt_embeddings)
+    answer_round = staticmethod(answer_round)
+    decrypt_logits = staticmethod(decrypt_logits)
 
 
-def sdk_geometry(bundle: dict, n_tokens: int):
-    return None
+def toy_client(base_url, api_key: str, **kwargs):
+    """An SDK client for a server running this stand-in: the SDK with this module's client half injected."""
+    from clients.sdk import Client
+
+    return Client(base_url, api_key, client_half=ToyClientHalf(), **kwargs)
