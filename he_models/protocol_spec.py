@@ -206,6 +206,29 @@ def message_frames(kind: str, direction: str, env: dict, num_labels: int = 2) ->
     return total
 
 
+def describe(kind: str, direction: str, env: dict) -> list[dict]:
+    """One message's tensors as explicit descriptors (name, layout, features, frames), in frame order."""
+    out = []
+    for t in TENSORS:
+        if t.kind == kind and t.direction == direction:
+            features = None if t.features == "-" else int(env[t.features])
+            out.append(
+                {"tensor": t.name, "layout": t.layout, "features": features, "frames": frames(t.layout, env, features)}
+            )
+    return out
+
+
+def env_of_geometry(geometry: dict) -> dict:
+    """The quantities for a meta `geometry` object {n, n_p, hidden, heads, intermediate, slots}."""
+    return quantities(
+        int(geometry["n"]),
+        int(geometry["hidden"]),
+        int(geometry["heads"]),
+        int(geometry["intermediate"]),
+        2 * int(geometry["slots"]),
+    )
+
+
 def security_bits_ok(poly_modulus_degree: int, coeff_mod_bit_sizes: list[int]) -> bool:
     """128-bit classical security (HomomorphicEncryption.org table): total modulus bits under the bound."""
     bound = MAX_BITS_128.get(int(poly_modulus_degree))

@@ -128,3 +128,49 @@ def test_engine_follows_the_spec_at_several_lengths(engine, doc_keys, n):
     assert len(out.to_client) == spec.message_frames("logits", "server", env, bundle["num_labels"])
     logits = doc_client.logits(crypto, out.to_client)
     assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
+
+
+def test_key_header_schema_is_the_one_the_server_enforces():
+    from he_models.ckks import KEY_HEADER_FIELDS
+
+    assert {name: presence == "required" for name, presence, _, _ in spec.KEY_HEADER} == KEY_HEADER_FIELDS
+
+
+@pytest.mark.parametrize(
+    "header, ok",
+    [
+        ({}, True),
+        ({"format": "cipherbert-eval-keys/1", "parts": ["relin_keys", "galois_keys"]}, True),
+        ({"comment": "hello"}, False),  # an unknown field
+        (
+            {
+                "params": {
+                    "poly_modulus_degree": 8192,
+                    "coeff_mod_bit_sizes": [55, 36, 36, 36, 55],
+                    "scale_bits": 36,
+                    "security": 128,
+                }
+            },
+            False,
+        ),  # an unknown parameter
+        ({"galois_steps": [1, 1]}, False),
+        ({"galois_steps": ["1"]}, False),
+        ({"parts": ["relin_keys", "galois_keys", "secret_key"]}, False),
+    ],
+)
+def test_key_headers_with_unknown_or_malformed_fields_are_refused(header, ok):
+    import json
+
+    from he_models.ckks import CKKSError, unpack_eval_keys
+    from he_models.wire import pack_frames
+
+    base = {
+        "params": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [55, 36, 36, 36, 55], "scale_bits": 36},
+        "galois_steps": [1, 2],
+    }
+    upload = pack_frames([json.dumps({**base, **header}).encode(), b"relin", b"galois"])
+    if ok:
+        assert unpack_eval_keys(upload)[0].galois_steps == [1, 2]
+    else:
+        with pytest.raises(CKKSError):
+            unpack_eval_keys(upload)

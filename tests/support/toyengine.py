@@ -67,7 +67,8 @@ class ToyEngine:
                 "ckks": {"poly_modulus_degree": POLY_N, "coeff_mod_bit_sizes": COEFF_BITS,
                          "scale_bits": SCALE_BITS},
                 "galois_steps": [], "hidden_size": self.hidden, "max_tokens": self.max_tokens,
-                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"]}
+                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"],
+                "rounds": 1, "round_kinds": ["refresh"]}
 
     def client_bundle_files(self) -> dict[str, Path]:
         return {"embeddings.npy": self.dir / "embeddings.npy", "config.json": self.dir / "config.json"}
