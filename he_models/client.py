@@ -122,6 +122,10 @@ class ProtocolViolation(ClientError):
 
     Messages never carry decrypted values: they are the client's secrets even when masked."""
 
+    def __init__(self, message: str, code: str = "protocol_violation") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 def answer_round(
     keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes], *, geometry: Geometry | None = None
@@ -202,7 +206,8 @@ def check_headroom(params: CKKSParams, values: list[np.ndarray], what: str) -> N
             raise ProtocolViolation(
                 f"{what}: ciphertext {i} decrypts to values at or past the headroom of 2^{bits}: the "
                 f"server's computation overflowed (or the server is misbehaving); the result would be "
-                f"wrong, so this inference is stopped"
+                f"wrong, so this inference is stopped",
+                "headroom",
             )
 
 

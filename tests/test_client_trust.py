@@ -225,3 +225,12 @@ def test_logits_are_checked_for_count_and_headroom(session, engine):
         decrypt_logits(keys, out.meta, out.to_client[:1], num_labels=2)
     with pytest.raises(ProtocolViolation, match="headroom"):
         decrypt_logits(keys, out.meta, [_inflate(engine, out.to_client[0], 3, 1e6), out.to_client[1]], num_labels=2)
+
+
+def test_headroom_violations_carry_their_own_code(session, first_round, engine):
+    keys, _ = session
+    geo, out = first_round
+    frames = [_inflate(engine, out.to_client[0], 2, 2.0**20)] + list(out.to_client[1:])
+    with pytest.raises(ProtocolViolation) as err:
+        answer_round(keys, out.kind, out.meta, frames, geometry=geo)
+    assert err.value.code == "headroom"
