@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the API server (uvicorn)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--data-dir", default=os.environ.get("CIPHERBERT_DATA_DIR", "data/service"),
-                   help="keys, embedded store and server secret")
+    s.add_argument("--data-dir", default=None,
+                   help="keys, embedded store and server secret (default data/service, env CIPHERBERT_DATA_DIR)")
     s.add_argument("--models-dir", default=None, help="directory of model directories (default ./models)")
     s.add_argument("--model", action="append", default=None, help="load only this model directory (repeatable)")
     s.add_argument("--api-keys", default=None, help="file of tenant:key lines (or env CIPHERBERT_API_KEYS)")
@@ -92,43 +92,38 @@ def _client(args):
                   cache_dir=args.cache_dir, progress=progress)
 
 
+# serve flag -> Settings field (None: not given, the environment or the default applies)
+SERVE_FLAGS = {"data_dir": "data_dir", "models_dir": "models_dir", "model": "models", "api_keys": "api_keys_file",
+               "workers": "workers", "engine_workers": "engine_workers", "max_inflight": "max_inflight",
+               "rate_limit": "rate_limit", "key_ttl": "key_ttl_s", "redis_url": "redis_url",
+               "replica_id": "replica_id", "engine": "engine"}
+
+
+def serve_settings(args):
+    """Settings from the environment with the given serve flags on top, validated and resolved."""
+    from service.settings import Settings
+
+    overrides = {field: getattr(args, flag) for flag, field in SERVE_FLAGS.items()
+                 if getattr(args, flag) not in (None, "")}
+    if "api_keys_file" in overrides:  # --api-keys FILE replaces CIPHERBERT_API_KEYS
+        overrides["api_keys"] = {}
+    return Settings(**overrides).resolve()
+
+
 def cmd_serve(args) -> int:
     import logging
 
     import uvicorn
 
     from service.app import create_app
-    from service.settings import Settings, SettingsError, load_api_keys_file, parse_rate_limit
+    from service.settings import SettingsError
 
     try:
-        settings = Settings(data_dir=args.data_dir)
-        if args.models_dir:
-            settings.models_dir = args.models_dir
-        if args.model:
-            settings.models = args.model
-        if args.api_keys:
-            settings.api_keys = load_api_keys_file(args.api_keys)
-        if args.workers is not None:
-            settings.workers = args.workers
-        if args.engine_workers is not None:
-            settings.engine_workers = args.engine_workers
-        if args.max_inflight is not None:
-            settings.max_inflight = args.max_inflight
-        if args.rate_limit is not None:
-            settings.rate_limit = parse_rate_limit(args.rate_limit)
-        if args.key_ttl is not None:
-            settings.key_ttl_s = args.key_ttl
-        if args.redis_url:
-            settings.redis_url = args.redis_url
-        if args.replica_id:
-            settings.replica_id = args.replica_id
-        if args.engine:
-            settings.engine = args.engine
-        settings.finalize()
+        settings = serve_settings(args)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(settings, "generated_keys_file", None):
+    if settings.generated_keys_file:
         print(f"cipherbert: no API keys configured; using the development key(s) in "
               f"{settings.generated_keys_file}", file=sys.stderr)
     store = f"redis ({settings.redis_url})" if settings.redis_url else f"embedded ({settings.data_dir})"

@@ -1,6 +1,6 @@
 """Where the service keeps what must outlive one request.
 
-Two implementations of one small interface:
+Two implementations of one small interface (service.contracts.Store):
 
 * `SQLiteStore` (default, embedded): SQLite in WAL mode under the data directory, with registered public
   contexts as files beside it (`keys/<key_id>.ctx`, mode 0600). Keys survive a restart; several
@@ -21,71 +21,41 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from service.contracts import InferenceRecord, KeyRecord, Store
+
+__all__ = [
+    "InferenceRecord",
+    "KeyRecord",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "StoreConfig",
+    "StoreError",
+    "open_store",
+]
 
 
 class StoreError(RuntimeError):
     """The backing store failed (not the client's fault): maps to 503."""
 
 
-@dataclass
-class KeyRecord:
-    key_id: str
-    tenant: str
-    model_id: str
-    created_at: float
-    expires_at: float
-    size: int
-    sha256: str
+@dataclass(frozen=True)
+class StoreConfig:
+    """Which store to open (picklable: the engine workers open their own)."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    data_dir: Path
+    redis_url: str | None = None
 
 
-@dataclass
-class InferenceRecord:
-    inference_id: str
-    tenant: str
-    key_id: str
-    model_id: str
-    round: int
-    digest: str
-    done: bool
-    created_at: float
-    expires_at: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Store:
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None: ...
-    def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def get_key_blob(self, key_id: str) -> bytes | None: ...
-    def list_keys(self, tenant: str) -> list[KeyRecord]: ...
-    def delete_key(self, key_id: str) -> bool: ...
-    def put_state(self, rec: InferenceRecord, state: bytes | None) -> None: ...
-    def peek_state(self, inference_id: str) -> InferenceRecord | None: ...
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None: ...
-    def delete_state(self, inference_id: str) -> bool: ...
-    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
-        """Count one request in the current fixed window; return (this window's count, the previous
-        window's count, now). The caller weighs them into a sliding-window estimate."""
-        ...
-
-    def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        """Take back a counted request that was refused (refusals do not use up the allowance)."""
-        ...
-
-    def ping(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-def open_store(config: dict) -> Store:
-    if config.get("redis_url"):
-        return RedisStore(config["redis_url"])
-    return SQLiteStore(Path(config["data_dir"]))
+def open_store(config: StoreConfig) -> Store:
+    if config.redis_url:
+        return RedisStore(config.redis_url)
+    return SQLiteStore(Path(config.data_dir))
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
@@ -103,7 +73,7 @@ CREATE TABLE IF NOT EXISTS counters (bucket TEXT PRIMARY KEY, count INTEGER NOT 
 """
 
 
-class SQLiteStore(Store):
+class SQLiteStore:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.keys_dir = self.data_dir / "keys"
@@ -125,7 +95,7 @@ class SQLiteStore(Store):
             self._local.conn = conn
         return conn
 
-    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _exec(self, sql: str, args: tuple = ()) -> list[Any]:
         try:
             return self._conn().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -149,8 +119,10 @@ class SQLiteStore(Store):
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
         os.replace(tmp, path)
-        self._exec("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
-                   (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256))
+        self._exec(
+            "INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
+            (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256),
+        )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         rows = self._exec("SELECT * FROM keys WHERE key_id = ? AND expires_at > ?", (key_id, time.time()))
@@ -165,8 +137,9 @@ class SQLiteStore(Store):
             return None
 
     def list_keys(self, tenant: str) -> list[KeyRecord]:
-        rows = self._exec("SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at",
-                          (tenant, time.time()))
+        rows = self._exec(
+            "SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at", (tenant, time.time())
+        )
         return [KeyRecord(*row) for row in rows]
 
     def delete_key(self, key_id: str) -> bool:
@@ -176,14 +149,28 @@ class SQLiteStore(Store):
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         self._purge()
-        self._exec("INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   (rec.inference_id, rec.tenant, rec.key_id, rec.model_id, rec.round, rec.digest,
-                    int(rec.done), rec.created_at, rec.expires_at, state))
+        self._exec(
+            "INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.inference_id,
+                rec.tenant,
+                rec.key_id,
+                rec.model_id,
+                rec.round,
+                rec.digest,
+                int(rec.done),
+                rec.created_at,
+                rec.expires_at,
+                state,
+            ),
+        )
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
         rows = self._exec(
             "SELECT inference_id, tenant, key_id, model_id, round, digest, done, created_at, expires_at "
-            "FROM inferences WHERE inference_id = ? AND expires_at > ?", (inference_id, time.time()))
+            "FROM inferences WHERE inference_id = ? AND expires_at > ?",
+            (inference_id, time.time()),
+        )
         if not rows:
             return None
         row = list(rows[0])
@@ -194,26 +181,30 @@ class SQLiteStore(Store):
         # One statement: atomic against any other process sharing the database.
         rows = self._exec(
             "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
-            "AND expires_at > ? RETURNING state", (inference_id, round, digest, time.time()))
+            "AND expires_at > ? RETURNING state",
+            (inference_id, round, digest, time.time()),
+        )
         return rows[0][0] if rows else None
 
     def delete_state(self, inference_id: str) -> bool:
-        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id",
-                               (inference_id,)))
+        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id", (inference_id,)))
 
     def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
         now = time.time()
         window = int(now // window_s)
         expires = (window + 2) * window_s  # kept one extra window: it is the next one's "previous"
         rows = self._exec(
-            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 "
-            "RETURNING count", (f"{bucket}:{window}", expires))
+            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 RETURNING count",
+            (f"{bucket}:{window}", expires),
+        )
         prev = self._exec("SELECT count FROM counters WHERE bucket = ?", (f"{bucket}:{window - 1}",))
         return int(rows[0][0]), int(prev[0][0]) if prev else 0, now
 
     def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        self._exec("UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
-                   (f"{bucket}:{int(now // window_s)}",))
+        self._exec(
+            "UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
+            (f"{bucket}:{int(now // window_s)}",),
+        )
 
     def ping(self) -> bool:
         self._exec("SELECT 1")
@@ -239,18 +230,18 @@ return false
 """
 
 
-class RedisStore(Store):
+class RedisStore:
     prefix = "cb:"
 
     def __init__(self, url: str) -> None:
         import redis
 
         self._redis_mod = redis
-        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                      health_check_interval=30)
+        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
         self._take = self.r.register_script(_TAKE_LUA)
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call redis-py (its replies are untyped: bytes, ints, lists) and map its errors to StoreError."""
         try:
             return fn(*args, **kwargs)
         except self._redis_mod.RedisError as exc:
@@ -293,7 +284,9 @@ class RedisStore(Store):
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         key = f"{self.prefix}inf:{rec.inference_id}"
-        mapping = {k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()}
+        mapping: dict[Any, str | bytes] = {
+            k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()
+        }
         if state is not None:
             mapping["state"] = state
         pipe = self.r.pipeline(transaction=True)
@@ -303,14 +296,22 @@ class RedisStore(Store):
         self._call(pipe.execute)
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
-        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done",
-                  "created_at", "expires_at"]
+        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done", "created_at", "expires_at"]
         vals = self._call(self.r.hmget, f"{self.prefix}inf:{inference_id}", fields)
         if vals[0] is None:
             return None
-        d = dict(zip(fields, (v.decode() for v in vals)))
-        rec = InferenceRecord(d["inference_id"], d["tenant"], d["key_id"], d["model_id"], int(d["round"]),
-                              d["digest"], d["done"] == "1", float(d["created_at"]), float(d["expires_at"]))
+        d = dict(zip(fields, (v.decode() for v in vals), strict=True))
+        rec = InferenceRecord(
+            d["inference_id"],
+            d["tenant"],
+            d["key_id"],
+            d["model_id"],
+            int(d["round"]),
+            d["digest"],
+            d["done"] == "1",
+            float(d["created_at"]),
+            float(d["expires_at"]),
+        )
         return rec if rec.expires_at > time.time() else None
 
     def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
