@@ -165,7 +165,7 @@ def answer_round(
 
 
 def check_round_meta(kind: str, meta: dict, geometry: Geometry | None = None) -> Geometry:
-    """The round's meta against the protocol: version, kind, geometry, and (rounds/4) its descriptors."""
+    """The round's meta against the protocol: version, kind, geometry and its tensor descriptors."""
     check_protocol(meta)
     if kind not in ("scores", "context", "refresh"):
         raise ProtocolViolation(f"unknown round kind {kind!r}")
@@ -177,16 +177,11 @@ def check_round_meta(kind: str, meta: dict, geometry: Geometry | None = None) ->
         raise ProtocolViolation(
             f"{kind} round: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}"
         )
-    if "tensors" in meta:
-        env = protocol_spec.env_of_geometry(geo.to_dict())
-        want = {
-            "send": protocol_spec.describe(kind, "server", env),
-            "reply": protocol_spec.describe(kind, "client", env),
-        }
-        if meta["tensors"] != want:
-            raise ProtocolViolation(
-                f"{kind} round: the server describes its tensors as {meta['tensors']}; the protocol says {want}"
-            )
+    want = protocol_spec.round_tensors(kind, geo.to_dict())
+    if meta.get("tensors") != want:  # protocol /4: every round describes itself
+        raise ProtocolViolation(
+            f"{kind} round: the server describes its tensors as {meta.get('tensors')}; the protocol says {want}"
+        )
     return geo
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_models.ckks import CKKSError, encode_vector, load_ciphertext, load_into, save_bytes, unpack_eval_keys
+from he_models import protocol_spec
 from he_models.errors import ClientInputError
 from he_models.kernels import (
     Backend,
@@ -235,6 +236,8 @@ class EncryptedEngine:
             "num_labels": cfg.num_labels,
             "labels": self._labels(),
             "rounds": self.plan.rounds,
+            **protocol_spec.bundle_protocol_fields(len(self.plan.layers), list(self.plan.params.coeff_mod_bit_sizes),
+                                                   self.plan.params.scale_bits),
             "files": sorted(self.client_bundle_files()),
         }
 
@@ -683,7 +686,8 @@ class EncryptedEngine:
             frames.extend(save_bytes(ct) for ct in keep[name])
         body = pack_frames(frames)
         tag = hmac.new(self._secret, body, hashlib.sha256).digest()
-        meta = {"geometry": geo.to_dict(), "protocol": PROTOCOL, **(extra_meta or {})}
+        meta = {"geometry": geo.to_dict(), "protocol": PROTOCOL,
+                "tensors": protocol_spec.round_tensors(kind, geo.to_dict()), **(extra_meta or {})}
         return StepOutput(inference_id=inference, round=round_no, done=False, to_client=to_client,
                           state=tag + body, kind=kind, meta=meta)
 

@@ -134,6 +134,14 @@ ROUND_META: tuple[tuple[str, str, str, str], ...] = (
         "object",
         "{n, n_p, hidden, heads, intermediate, slots}: must equal the client's own n, block(n), H, heads, I, S",
     ),
+    (
+        "tensors",
+        "every round",
+        "object",
+        '{"send": [...], "reply": [...]}: the tensors of this message and of the reply the server expects, in '
+        "frame order, each {tensor, layout, features, frames}; must equal the tables above for the round's kind "
+        "and n",
+    ),
     ("sigma", "scores", "number", "factor of the client's product R (1/sqrt(n) times the model's gains)"),
     ("context_scale", "context", "number", "factor of the client's product P (1/a_gain)"),
     ("num_labels", "logits", "integer", "number of logit ciphertexts"),
@@ -216,6 +224,21 @@ def describe(kind: str, direction: str, env: dict) -> list[dict]:
                 {"tensor": t.name, "layout": t.layout, "features": features, "frames": frames(t.layout, env, features)}
             )
     return out
+
+
+def round_tensors(kind: str, geometry: dict) -> dict:
+    """meta["tensors"] of a round (protocol /4): what the server sends and the reply it expects."""
+    env = env_of_geometry(geometry)
+    return {"send": describe(kind, "server", env), "reply": describe(kind, "client", env)}
+
+
+def bundle_protocol_fields(layers: int, coeff_mod_bit_sizes: list[int], scale_bits: int) -> dict:
+    """What a bundle announces about the rounds and the client's own arithmetic (protocol /4)."""
+    return {
+        "round_kinds": [round_kind(r, layers) for r in range(1, 4 * layers + 1)],
+        "headroom_bits": headroom_bits(coeff_mod_bit_sizes, scale_bits),
+        "embedding": {"layernorm_eps": EMBEDDING_LAYERNORM_EPS, "positions_from": 0},
+    }
 
 
 def env_of_geometry(geometry: dict) -> dict:

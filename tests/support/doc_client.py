@@ -250,6 +250,19 @@ def _products(kind: str, p: Packing, got: dict[str, np.ndarray], meta: dict) -> 
 
 def answer(tables: DocTables, p: Packing, crypto: Seal, kind: str, meta: dict, frames: list[bytes]) -> list[bytes]:
     sent = tables.message(kind, "server")
+    described = {
+        side: [
+            {
+                "tensor": t["name"],
+                "layout": t["layout"],
+                "features": p.features(t),
+                "frames": p.frames(t["layout"], p.features(t)),
+            }
+            for t in tables.message(kind, by)
+        ]
+        for side, by in (("send", "server"), ("reply", "client"))
+    }
+    assert meta.get("tensors") == described, f"{kind}: the round describes {meta.get('tensors')}, the doc {described}"
     expected = sum(p.frames(t["layout"], p.features(t)) for t in sent)
     assert len(frames) == expected, f"{kind}: {len(frames)} frames, the doc says {expected}"
     vectors, got, pos = crypto.decrypt(frames), {}, 0
