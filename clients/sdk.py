@@ -21,13 +21,14 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import numpy as np
 
+from clients.trust import BundlePins, RoundGuard, TrustError, check_security
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
@@ -59,6 +60,7 @@ class Result:
     model_id: str
     replicas: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    restarts: int = 0  # inferences started again because the server could no longer resume one
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -83,9 +85,10 @@ class Client:
     def __init__(self, base_url: str | list[str], api_key: str, *, model: str | None = None,
                  cache_dir: str | Path | None = None, keystore_dir: str | Path | None = None,
                  timeout: float = 300.0, retries: int = 20, progress: Callable[[str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, pins_file: str | Path | None = None) -> None:
         """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
-        one inference's rounds cross servers, which a replicated deployment must allow)."""
+        one inference's rounds cross servers, which a replicated deployment must allow). The first
+        bundle seen per (server, model) is pinned in `pins_file` (<cache>/known_bundles.json)."""
         self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
         if not self.base_urls:
             raise CipherbertError("no server URL given")
@@ -94,6 +97,7 @@ class Client:
         self.model = model
         self.home = Path(cache_dir) if cache_dir else default_home()
         self.keystore_dir = Path(keystore_dir) if keystore_dir else self.home / "keys"
+        self.pins = BundlePins(Path(pins_file) if pins_file else self.home / "known_bundles.json")
         self.retries = retries
         self.progress = progress or (lambda msg: None)
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
@@ -106,7 +110,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -170,6 +174,12 @@ class Client:
         if model in self._bundles:
             return self._bundles[model]
         bundle = self._request("GET", f"/v1/models/{model}/bundle").json()
+        try:  # before any file, key or ciphertext: the server chooses the parameters and the bundle
+            check_security(bundle.get("ckks") or {})
+            if self.pins.check(self.base_urls[0], bundle):
+                self.progress(f"pinned the bundle of {model} (model hash {str(bundle.get('model_hash'))[:16]}...)")
+        except TrustError as exc:
+            raise CipherbertError(str(exc), code=exc.code) from None
         bdir = self.home / "bundles" / bundle["model_hash"]
         bdir.mkdir(parents=True, exist_ok=True)
         for f in bundle.get("files", []):
@@ -275,7 +285,22 @@ class Client:
         return header, got[1:], len(body), len(resp.content), resp.headers.get("X-Cipherbert-Replica", "")
 
     def classify(self, text: str, model: str | None = None) -> Result:
-        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError."""
+        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError.
+
+        An inference the server can no longer resume (its state expired or was lost: 404
+        unknown_inference, or 409 wrong_round for a round this client never got an answer to) is started
+        again from the beginning, once; a misbehaving server is never retried."""
+        try:
+            result = self._classify_once(text, model)
+        except CipherbertError as exc:
+            if exc.inference_id is None or exc.code not in RESTARTABLE:
+                raise
+            self.progress(f"inference {exc.inference_id} cannot be resumed ({exc.code}); starting again")
+            result = self._classify_once(text, model)
+            result.restarts = 1
+        return result
+
+    def _classify_once(self, text: str, model: str | None) -> Result:
         try:
             return self._classify(text, model)
         except CipherbertError as exc:
@@ -286,8 +311,21 @@ class Client:
             for path in self._keystore_paths(self.bundle(model)[0])[1:]:
                 path.unlink(missing_ok=True)
             return self._classify(text, model)
-        except (ValueError, KeyError) as exc:  # client-half errors: empty text, bad server data
+        except TrustError as exc:  # the server broke the protocol's order or counts
+            raise CipherbertError(f"the server misbehaved: {exc}", code=exc.code) from None
+        except ValueError as exc:
+            code = getattr(exc, "code", None)
+            if code is not None:  # he_models.client.ProtocolViolation: counts, geometry, headroom
+                raise CipherbertError(f"the server misbehaved: {exc}", code=code) from None
             raise CipherbertError(f"cannot classify this text: {exc}") from None
+        except KeyError as exc:  # client-half errors: bad server data
+            raise CipherbertError(f"cannot classify this text: {exc}") from None
+
+    def forget_bundle(self, model: str) -> None:
+        """Accept a changed bundle: drop its pin (the next use pins the new one)."""
+        self.pins.forget(self.base_urls[0], model)
+        self._bundles.pop(model, None)
+        self._sessions.pop(model, None)
 
     def _classify(self, text: str, model: str | None = None) -> Result:
         if not isinstance(text, str) or not text.strip():
@@ -296,18 +334,21 @@ class Client:
         t0 = time.perf_counter()
         emb = np.asarray(embedder.embed(text))
         n_tokens = int(emb.shape[0])
-        frames = mod.encrypt_embeddings(keys, emb, _geometry(mod, bundle, n_tokens))
+        geo = _geometry(mod, bundle, n_tokens)
+        frames = mod.encrypt_embeddings(keys, emb, geo)
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
             "/v1/inferences", frames,
             params={"model": bundle["model_id"], "key_id": key_id, "n_tokens": n_tokens})
         replicas, rounds, t_client = [replica], 0, 0.0
         t_server = float(header.get("server_s") or 0.0)
+        guard = RoundGuard(bundle)  # order, kinds and count of the rounds, as the bundle announced them
+        guard.step(header, len(to_client))
         while not header["done"]:
             rounds += 1
             self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
             tc = time.perf_counter()
-            replies = mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+            replies = _answer(mod, keys, header, to_client, geo)
             t_client += time.perf_counter() - tc
             iid, rnd = header["inference_id"], header["round"]
             try:
@@ -317,11 +358,12 @@ class Client:
             except CipherbertError as exc:  # the inference started but did not finish
                 exc.inference_id, exc.round = iid, rnd
                 raise
+            guard.step(header, len(to_client))
             up, down = up + u, down + d
             replicas.append(replica)
             t_server += float(header.get("server_s") or 0.0)
         tc = time.perf_counter()
-        logits = np.asarray(mod.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
+        logits = np.asarray(_decrypt(mod, keys, header, to_client, bundle), dtype=np.float64)
         t_client += time.perf_counter() - tc
         probs = _softmax(logits)
         labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
@@ -343,6 +385,22 @@ class Client:
 
         with ThreadPoolExecutor(max_workers=min(concurrency, len(texts)), thread_name_prefix="cipherbert") as ex:
             return list(ex.map(lambda t: self.classify(t, model=model), texts))
+
+
+RESTARTABLE = ("unknown_inference", "wrong_round")
+
+
+def _answer(mod, keys, header: dict, to_client: list[bytes], geometry) -> list[bytes]:
+    """The client half's answer; he_models' also checks the round against this sentence's geometry."""
+    if mod.__name__ == "he_models.client":
+        return mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client, geometry=geometry)
+    return mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+
+
+def _decrypt(mod, keys, header: dict, to_client: list[bytes], bundle: dict):
+    if mod.__name__ == "he_models.client":
+        return mod.decrypt_logits(keys, header.get("meta") or {}, to_client, num_labels=int(bundle["num_labels"]))
+    return mod.decrypt_logits(keys, header.get("meta") or {}, to_client)
 
 
 def _embedder(mod, bundle: dict, bundle_dir: Path):

@@ -126,7 +126,8 @@ class RoundGuard:
         self.kinds: list[str] | None = list(kinds) if kinds is not None else None
         if self.kinds is not None and len(self.kinds) != self.rounds:
             raise TrustError(f"the bundle announces {self.rounds} rounds but {len(self.kinds)} kinds", "bad_bundle")
-        self.num_labels = int(bundle.get("num_labels", 0)) or None
+        # One logit per ciphertext is he_models' protocol; another client half may pack them together.
+        self.num_labels = int(bundle.get("num_labels", 0)) or None if bundle.get("protocol") else None
         self.inference_id: str | None = None
         self.expected = 1
         self.finished = False
