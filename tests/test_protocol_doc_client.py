@@ -58,6 +58,10 @@ def doc_classify(url: str, texts: list[str]) -> list[tuple[int, np.ndarray]]:
     try:
         source = {"params": bundle["ckks"], "galois_steps": bundle["galois_steps"]}
         header = {name: source[name] for name in tables.key_required}
+        for wrong in ({**header, "comment": "unknown field"}, {"params": bundle["ckks"]}):  # refused: 400
+            bad = doc_client.cbf1([json.dumps(wrong).encode(), b"relin", b"galois"])
+            r = http.post("/v1/keys", params={"model": model}, content=bad)
+            assert r.status_code == 400 and "header" in r.json()["detail"], r.text
         upload = crypto.key_upload(bundle, header)
         r = http.post(
             "/v1/keys", params={"model": model}, content=upload, headers={"Content-Type": "application/octet-stream"}
