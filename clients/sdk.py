@@ -278,7 +278,7 @@ class Client:
         resp = self._request("POST", path, params=params, content=body,
                              headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})})
         try:
-            got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
+            got = unpack_frames(resp.content, max_frames=1 << 12, max_bytes=1 << 30)
             header = json.loads(got[0])
         except (WireError, ValueError, IndexError) as exc:
             raise CipherbertError(f"malformed response from the server: {exc}") from None

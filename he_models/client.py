@@ -103,9 +103,18 @@ class ClientKeys:
             out.append(save_bytes(self.encryptor.encrypt_symmetric(pt)))
         return out
 
+    def max_ciphertext_bytes(self) -> int:
+        """The most an uncompressed two-polynomial ciphertext of these parameters can take, plus headers."""
+        return 2 * self.params.poly_modulus_degree * len(self.params.coeff_mod_bit_sizes) * 8 + 4096
+
     def decrypt(self, payloads: list[bytes]) -> list[np.ndarray]:
         out = []
+        limit = self.max_ciphertext_bytes()
         for i, data in enumerate(payloads):
+            if len(data) > limit:
+                raise ProtocolViolation(
+                    f"server ciphertext {i} has {len(data)} bytes; no ciphertext of these parameters exceeds {limit}"
+                )
             ct = load_ciphertext(self.context, data, f"server ciphertext {i}")
             pt = seal.Plaintext()
             self.decryptor.decrypt(ct, pt)

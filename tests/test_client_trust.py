@@ -234,3 +234,11 @@ def test_headroom_violations_carry_their_own_code(session, first_round, engine):
     with pytest.raises(ProtocolViolation) as err:
         answer_round(keys, out.kind, out.meta, frames, geometry=geo)
     assert err.value.code == "headroom"
+
+
+def test_an_oversized_ciphertext_is_refused_before_parsing(session, first_round):
+    keys, _ = session
+    geo, out = first_round
+    huge = out.to_client[0] + b"\0" * keys.max_ciphertext_bytes()
+    with pytest.raises(ProtocolViolation, match="bytes"):
+        answer_round(keys, out.kind, out.meta, [huge] + list(out.to_client[1:]), geometry=geo)
