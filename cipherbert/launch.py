@@ -138,26 +138,22 @@ def have(binary: str) -> bool:
     return shutil.which(binary) is not None or Path(f"/usr/sbin/{binary}").exists()
 
 
-def start_redis(workdir: Path) -> Proc:
-    port = free_port()
+def start_redis(workdir: Path, *, port: int | None = None, durable: bool = False) -> Proc:
+    """redis-server on loopback. durable=True: append-only file with fsync on every write (what a
+    deployment that must not lose round state runs), so a restart on the same port and directory
+    (`restart_redis`) comes back with every acknowledged write."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"redis-{port}.log"
     exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "always", "--appendfilename", f"cb-{port}.aof"]
+        if durable
+        else ["--appendonly", "no"]
+    )
     with open(log, "ab") as fh:
         popen = subprocess.Popen(
-            [
-                exe,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
+            [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", str(workdir)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -175,7 +171,19 @@ def start_redis(workdir: Path) -> Proc:
                 popen.kill()
                 raise RuntimeError(f"redis-server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.1)
-    return Proc(popen, url, log)
+    return Proc(popen, url, log, {"port": port, "workdir": workdir, "durable": durable})
+
+
+def kill_redis(proc: Proc) -> None:
+    """kill -9: no shutdown save, no goodbye to the clients (an outage, not a maintenance stop)."""
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait(10)
+
+
+def restart_redis(proc: Proc) -> Proc:
+    """A new redis-server on the killed one's port and directory (it replays the append-only file)."""
+    return start_redis(proc.extra["workdir"], port=proc.extra["port"], durable=proc.extra["durable"])
 
 
 NGINX_TEMPLATE = """

@@ -49,9 +49,13 @@ class ClientHalf(Protocol):
 
     def encrypt_embeddings(self, keys: Any, embeddings: np.ndarray, geometry: Any) -> list[bytes]: ...
 
-    def answer_round(self, keys: Any, kind: str, meta: dict, to_client: list[bytes]) -> list[bytes]: ...
+    def answer_round(self, keys: Any, kind: str, meta: dict, to_client: list[bytes], geometry: Any) -> list[bytes]:
+        """The reply to one round; `geometry` is this sentence's own packing: refuse a round that disagrees."""
+        ...
 
-    def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes]) -> np.ndarray: ...
+    def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int) -> np.ndarray:
+        """The logits; refuse a count other than the bundle's `num_labels`."""
+        ...
 
 
 class HEModelsClientHalf:
@@ -78,8 +82,8 @@ class HEModelsClientHalf:
     def encrypt_embeddings(self, keys: Any, embeddings: np.ndarray, geometry: Any) -> list[bytes]:
         return he_client.encrypt_embeddings(keys, embeddings, geometry)
 
-    def answer_round(self, keys: Any, kind: str, meta: dict, to_client: list[bytes]) -> list[bytes]:
-        return he_client.answer_round(keys, kind, meta, to_client)
+    def answer_round(self, keys: Any, kind: str, meta: dict, to_client: list[bytes], geometry: Any) -> list[bytes]:
+        return he_client.answer_round(keys, kind, meta, to_client, geometry=geometry)
 
-    def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes]) -> np.ndarray:
-        return he_client.decrypt_logits(keys, meta, to_client)
+    def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int) -> np.ndarray:
+        return he_client.decrypt_logits(keys, meta, to_client, num_labels=num_labels)

@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 
 from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
+from clients.trust import BundlePins, RoundGuard, TrustError, check_security
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
@@ -64,6 +65,7 @@ class Result:
     model_id: str
     replicas: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    restarts: int = 0  # inferences started again because the server could no longer resume one
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -109,10 +111,12 @@ class Client:
         progress: Callable[[str], None] | None = None,
         transport: httpx.BaseTransport | None = None,
         client_half: ClientHalf | None = None,
+        pins_file: str | Path | None = None,
     ) -> None:
         """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
         one inference's rounds cross servers, which a replicated deployment must allow). `client_half`
-        does the cryptography (default: he_models' client half)."""
+        does the cryptography (default: he_models' client half). The first bundle seen per (server,
+        model) is pinned in `pins_file` (<cache>/known_bundles.json)."""
         self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
         if not self.base_urls:
             raise CipherbertError("no server URL given")
@@ -121,6 +125,7 @@ class Client:
         self.model = model
         self.home = Path(cache_dir) if cache_dir else default_home()
         self.keystore_dir = Path(keystore_dir) if keystore_dir else self.home / "keys"
+        self.pins = BundlePins(Path(pins_file) if pins_file else self.home / "known_bundles.json")
         self.retries = retries
         self.client_half: ClientHalf = client_half or HEModelsClientHalf()
         self.progress = progress or (lambda msg: None)
@@ -204,6 +209,12 @@ class Client:
         if model in self._bundles:
             return self._bundles[model]
         bundle = self._request("GET", f"/v1/models/{model}/bundle").json()
+        try:  # before any file, key or ciphertext: the server chooses the parameters and the bundle
+            check_security(bundle.get("ckks") or {})
+            if self.pins.check(self.base_urls[0], bundle):
+                self.progress(f"pinned the bundle of {model} (model hash {str(bundle.get('model_hash'))[:16]}...)")
+        except TrustError as exc:
+            raise CipherbertError(str(exc), code=exc.code) from None
         bdir = self.home / "bundles" / bundle["model_hash"]
         bdir.mkdir(parents=True, exist_ok=True)
         for f in bundle.get("files", []):
@@ -319,14 +330,29 @@ class Client:
             "POST", path, params=params, content=body, headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})}
         )
         try:
-            got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
+            got = unpack_frames(resp.content, max_frames=1 << 12, max_bytes=1 << 30)
             header = json.loads(got[0])
         except (WireError, ValueError, IndexError) as exc:
             raise CipherbertError(f"malformed response from the server: {exc}") from None
         return header, got[1:], len(body), len(resp.content), resp.headers.get("X-Cipherbert-Replica", "")
 
     def classify(self, text: str, model: str | None = None) -> Result:
-        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError."""
+        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError.
+
+        An inference the server can no longer resume (its state expired or was lost: 404
+        unknown_inference, or 409 wrong_round for a round this client never got an answer to) is started
+        again from the beginning, once; a misbehaving server is never retried."""
+        try:
+            result = self._classify_once(text, model)
+        except CipherbertError as exc:
+            if exc.inference_id is None or exc.code not in RESTARTABLE:
+                raise
+            self.progress(f"inference {exc.inference_id} cannot be resumed ({exc.code}); starting again")
+            result = self._classify_once(text, model)
+            result.restarts = 1
+        return result
+
+    def _classify_once(self, text: str, model: str | None) -> Result:
         try:
             return self._classify(text, model)
         except CipherbertError as exc:
@@ -337,8 +363,21 @@ class Client:
             for path in self._keystore_paths(self.bundle(model)[0])[1:]:
                 path.unlink(missing_ok=True)
             return self._classify(text, model)
-        except (ValueError, KeyError) as exc:  # client-half errors: empty text, bad server data
+        except TrustError as exc:  # the server broke the protocol's order or counts
+            raise CipherbertError(f"the server misbehaved: {exc}", code=exc.code) from None
+        except ValueError as exc:
+            code = getattr(exc, "code", None)
+            if code is not None:  # he_models.client.ProtocolViolation: counts, geometry, headroom
+                raise CipherbertError(f"the server misbehaved: {exc}", code=code) from None
             raise CipherbertError(f"cannot classify this text: {exc}") from None
+        except KeyError as exc:  # client-half errors: bad server data
+            raise CipherbertError(f"cannot classify this text: {exc}") from None
+
+    def forget_bundle(self, model: str) -> None:
+        """Accept a changed bundle: drop its pin (the next use pins the new one)."""
+        self.pins.forget(self.base_urls[0], model)
+        self._bundles.pop(model, None)
+        self._sessions.pop(model, None)
 
     def _classify(self, text: str, model: str | None = None) -> Result:
         if not isinstance(text, str) or not text.strip():
@@ -348,7 +387,8 @@ class Client:
         t0 = time.perf_counter()
         emb = np.asarray(session.embedder.embed(text))
         n_tokens = int(emb.shape[0])
-        frames = half.encrypt_embeddings(keys, emb, half.geometry(bundle, n_tokens))
+        geo = half.geometry(bundle, n_tokens)
+        frames = half.encrypt_embeddings(keys, emb, geo)
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
             "/v1/inferences",
@@ -357,11 +397,13 @@ class Client:
         )
         replicas, rounds, t_client = [replica], 0, 0.0
         t_server = float(header.get("server_s") or 0.0)
+        guard = RoundGuard(bundle)  # order, kinds and count of the rounds, as the bundle announced them
+        guard.step(header, len(to_client))
         while not header["done"]:
             rounds += 1
             self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
             tc = time.perf_counter()
-            replies = half.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+            replies = half.answer_round(keys, header["kind"], header.get("meta") or {}, to_client, geo)
             t_client += time.perf_counter() - tc
             iid, rnd = header["inference_id"], header["round"]
             try:
@@ -371,11 +413,13 @@ class Client:
             except CipherbertError as exc:  # the inference started but did not finish
                 exc.inference_id, exc.round = iid, rnd
                 raise
+            guard.step(header, len(to_client))
             up, down = up + u, down + d
             replicas.append(replica)
             t_server += float(header.get("server_s") or 0.0)
         tc = time.perf_counter()
-        logits = np.asarray(half.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
+        meta = header.get("meta") or {}
+        logits = np.asarray(half.decrypt_logits(keys, meta, to_client, int(bundle["num_labels"])), dtype=np.float64)
         t_client += time.perf_counter() - tc
         probs = _softmax(logits)
         labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
@@ -406,6 +450,9 @@ class Client:
 
         with ThreadPoolExecutor(max_workers=min(concurrency, len(texts)), thread_name_prefix="cipherbert") as ex:
             return list(ex.map(lambda t: self.classify(t, model=model), texts))
+
+
+RESTARTABLE = ("unknown_inference", "wrong_round")
 
 
 def save_secret(keys: KeySet, path: Path) -> None:

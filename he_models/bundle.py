@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from he_models import protocol_spec
 from he_models.layout import PROTOCOL
 from he_models.plan import HEPlan
 
@@ -42,6 +43,9 @@ def client_bundle(plan: HEPlan, model_id: str, model_dir: Path | None) -> dict:
         "num_labels": cfg.num_labels,
         "labels": labels(plan, model_dir),
         "rounds": plan.rounds,
+        **protocol_spec.bundle_protocol_fields(
+            len(plan.layers), list(plan.params.coeff_mod_bit_sizes), plan.params.scale_bits
+        ),
         "files": sorted(client_bundle_files(plan, model_dir)),
     }
 

@@ -27,7 +27,7 @@ TOKEN_BLOCKS = (32, 64, 128)
 CHUNK = 32  # tokens per feature-major chunk
 # Version of the packing and round protocol. The server puts it in the bundle and in every round's meta;
 # the client half refuses a round from a different version instead of decrypting garbage.
-PROTOCOL = "cipherbert-rounds/3"
+PROTOCOL = "cipherbert-rounds/4"
 
 
 class LayoutError(ClientInputError):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import tenseal.sealapi as seal
 
+from he_models import protocol_spec
 from he_models.assistant import Splitter
 from he_models.ckks import encode_vector, save_bytes
 from he_models.contracts import EngineError, EvalContext, StepOutput
@@ -110,7 +111,12 @@ class RoundMachine:
         header = RoundHeader(
             inference_id=inference, round=round_no, kind=kind, geometry=geo.to_dict(), key=ctx.fingerprint
         )
-        meta = {"geometry": geo.to_dict(), "protocol": PROTOCOL, **(extra_meta or {})}
+        meta = {
+            "geometry": geo.to_dict(),
+            "protocol": PROTOCOL,
+            "tensors": protocol_spec.round_tensors(kind, geo.to_dict()),
+            **(extra_meta or {}),
+        }
         return StepOutput(
             inference_id=inference,
             round=round_no,

@@ -122,8 +122,18 @@ class Store(Protocol):
         ...
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None: ...
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
-        """Remove and return the state only if round and digest match and it is not done: atomic."""
+    def get_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
+        """The state if the inference still waits for this round and digest (not done, not expired); the
+        record stays: a round whose answer fails can be answered again."""
+        ...
+
+    def advance_state(self, rec: InferenceRecord, state: bytes | None, round: int, digest: str) -> bool:
+        """Compare-and-swap: replace the record by `rec` (and its state) only if it still waits for
+        `round` with `digest`; False if another reply advanced it first."""
+        ...
+
+    def drop_state(self, inference_id: str, round: int, digest: str) -> bool:
+        """Compare-and-delete: end the inference if it still waits for this round (a refused reply)."""
         ...
 
     def delete_state(self, inference_id: str) -> bool: ...

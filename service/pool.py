@@ -72,6 +72,7 @@ class Service:
         self.not_ready_reason = "starting: engine workers are loading the models"
         self.inflight = 0
         self.tenant_inflight: dict[str, int] = {}
+        self.answering: set[tuple[str, int]] = set()  # (inference, round) being answered by this process
         self._startup: asyncio.Task[None] | None = None
 
     # pool -----------------------------------------------------------------------------------------

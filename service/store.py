@@ -10,8 +10,11 @@ Two implementations of one small interface (service.contracts.Store):
 
 What is stored: key records (tenant, model, expiry, size, digest) and their public contexts; one record
 per pending inference (tenant, key id, model, round, digest of what was sent, the engine's opaque state
-blob), replaced atomically per round: `take_state` removes the record only if the round and the digest
-still match, so of two concurrent replies to one round exactly one wins; rate-limit counters.
+blob), kept until its successor is written: `get_state` reads the round's state without removing it and
+`advance_state` swaps in the next round only if the record still waits for the round and digest the
+caller read (a compare-and-swap), so of concurrent replies to one round exactly one wins, and a round
+whose engine step or successor write failed (a store outage) can simply be answered again; rate-limit
+counters.
 """
 
 from __future__ import annotations
@@ -177,14 +180,31 @@ class SQLiteStore:
         row[6] = bool(row[6])
         return InferenceRecord(*row)
 
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
-        # One statement: atomic against any other process sharing the database.
+    def get_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
         rows = self._exec(
-            "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
-            "AND expires_at > ? RETURNING state",
+            "SELECT state FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
+            "AND expires_at > ?",
             (inference_id, round, digest, time.time()),
         )
         return rows[0][0] if rows else None
+
+    def advance_state(self, rec: InferenceRecord, state: bytes | None, round: int, digest: str) -> bool:
+        # One statement: the compare (round, digest, not done) and the swap are atomic across processes.
+        rows = self._exec(
+            "UPDATE inferences SET round = ?, digest = ?, done = ?, expires_at = ?, state = ? "
+            "WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 AND expires_at > ? "
+            "RETURNING inference_id",
+            (rec.round, rec.digest, int(rec.done), rec.expires_at, state, rec.inference_id, round, digest, time.time()),
+        )
+        return bool(rows)
+
+    def drop_state(self, inference_id: str, round: int, digest: str) -> bool:
+        rows = self._exec(
+            "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
+            "RETURNING inference_id",
+            (inference_id, round, digest),
+        )
+        return bool(rows)
 
     def delete_state(self, inference_id: str) -> bool:
         return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id", (inference_id,)))
@@ -219,15 +239,24 @@ class SQLiteStore:
 
 # ----------------------------------------------------------------------------------------------- Redis
 
-_TAKE_LUA = """
-local r = redis.call('HMGET', KEYS[1], 'round', 'digest', 'done')
-if r[1] == ARGV[1] and r[2] == ARGV[2] and r[3] == '0' then
-  local s = redis.call('HGET', KEYS[1], 'state')
-  redis.call('DEL', KEYS[1])
-  if s then return s else return '' end
-end
-return false
+# Compare-and-swap scripts: the inference's record changes only while it still waits for the round
+# (and digest) the caller read, so of concurrent replies to one round exactly one advances it.
+_MATCH = (
+    "local r = redis.call('HMGET', KEYS[1], 'round', 'digest', 'done')\n"
+    "if r[1] ~= ARGV[1] or r[2] ~= ARGV[2] or r[3] ~= '0' then return false end\n"
+)
+_GET_LUA = _MATCH + "local s = redis.call('HGET', KEYS[1], 'state')\nif s then return s else return '' end\n"
+_DROP_LUA = _MATCH + "redis.call('DEL', KEYS[1])\nreturn 1\n"
+# ARGV[3] = expire-at, ARGV[4] = 1 to keep a state (ARGV[5]), then field/value pairs
+_ADVANCE_LUA = (
+    _MATCH
+    + """redis.call('HDEL', KEYS[1], 'state')
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return 1
 """
+)
 
 
 class RedisStore:
@@ -238,7 +267,9 @@ class RedisStore:
 
         self._redis_mod = redis
         self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
-        self._take = self.r.register_script(_TAKE_LUA)
+        self._get = self.r.register_script(_GET_LUA)
+        self._drop = self.r.register_script(_DROP_LUA)
+        self._advance = self.r.register_script(_ADVANCE_LUA)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call redis-py (its replies are untyped: bytes, ints, lists) and map its errors to StoreError."""
@@ -314,9 +345,23 @@ class RedisStore:
         )
         return rec if rec.expires_at > time.time() else None
 
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
-        out = self._call(self._take, keys=[f"{self.prefix}inf:{inference_id}"], args=[str(round), digest])
-        return None if out is None else bytes(out)
+    def get_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
+        key = f"{self.prefix}inf:{inference_id}"
+        out = self._call(self._get, keys=[key], args=[str(round), digest])
+        if out is None:
+            return None
+        rec = self.peek_state(inference_id)  # expiry is checked like SQLite's (Redis may lag by a second)
+        return bytes(out) if rec is not None else None
+
+    def advance_state(self, rec: InferenceRecord, state: bytes | None, round: int, digest: str) -> bool:
+        fields: list[str | bytes] = []
+        for k, v in rec.to_dict().items():
+            fields += [k, str(int(v)) if isinstance(v, bool) else str(v)]
+        args = [str(round), digest, str(int(rec.expires_at) + 1), "0" if state is None else "1", state or b"", *fields]
+        return bool(self._call(self._advance, keys=[f"{self.prefix}inf:{rec.inference_id}"], args=args))
+
+    def drop_state(self, inference_id: str, round: int, digest: str) -> bool:
+        return bool(self._call(self._drop, keys=[f"{self.prefix}inf:{inference_id}"], args=[str(round), digest]))
 
     def delete_state(self, inference_id: str) -> bool:
         return bool(self._call(self.r.delete, f"{self.prefix}inf:{inference_id}"))

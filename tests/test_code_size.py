@@ -9,7 +9,6 @@ MAX_LINES = 80
 # Functions over the limit while other branches split them: this list only shrinks (the lead empties it
 # after merging). An entry that is no longer too long fails the test too, so it gets removed.
 ALLOWED_LONG = {
-    "service/app.py:create_app",
     "distill/pipeline.py:run",
     "distill/student.py:train",
     "distill/teacher.py:finetune_teacher",

@@ -7,11 +7,11 @@ import time
 import pytest
 import tenseal as ts
 
+from cipherbert.launch import have, start_redis
 from service.protocol import frames_digest, pack_envelope, round_token, token_matches, unpack_envelope
 from service.settings import Settings, SettingsError, parse_api_keys, parse_rate_limit
 from service.store import InferenceRecord, KeyRecord, SQLiteStore
-from cipherbert.launch import have, start_redis
-from tests.support.toyengine import EngineError, ToyEngine, make_toy_model, ClientKeys
+from tests.support.toyengine import ClientKeys, EngineError, ToyEngine, make_toy_model
 
 
 def test_api_keys_and_rate_limit_parsing():
@@ -64,20 +64,21 @@ def _exercise_store(store):
     inf = InferenceRecord("i_1", "acme", "k_1", "toy", 1, "d1", False, now, now + 60)
     store.put_state(inf, b"S" * 1000)
     assert store.peek_state("i_1") == inf
-    assert store.take_state("i_1", 2, "d1") is None  # wrong round
-    assert store.take_state("i_1", 1, "dX") is None  # wrong digest
-    # concurrent replies to one round: exactly one wins
-    store.put_state(inf, b"S" * 1000)
+    assert store.get_state("i_1", 2, "d1") is None  # wrong round
+    assert store.get_state("i_1", 1, "dX") is None  # wrong digest
+    # concurrent replies to one round: exactly one advances it
     results = []
-    threads = [threading.Thread(target=lambda: results.append(store.take_state("i_1", 1, "d1"))) for _ in range(8)]
+    nxt = InferenceRecord("i_1", "acme", "k_1", "toy", 2, "d2", False, now, now + 60)
+    threads = [threading.Thread(target=lambda: results.append(store.advance_state(nxt, b"T", 1, "d1")))
+               for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r is not None for r in results) == [False] * 7 + [True]
-    assert store.peek_state("i_1") is None
+    assert sorted(results) == [False] * 7 + [True]
+    assert store.peek_state("i_1").round == 2
     store.put_state(InferenceRecord("i_2", "acme", "k_1", "toy", 2, "d2", True, now, now + 60), None)
-    assert store.peek_state("i_2").done and store.take_state("i_2", 2, "d2") is None
+    assert store.peek_state("i_2").done and store.get_state("i_2", 2, "d2") is None
     counts = [store.hit("acme", 60)[0] for _ in range(3)]
     assert counts[-1] - counts[0] == 2
     # the previous window's count is reported for the sliding estimate

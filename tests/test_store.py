@@ -62,7 +62,9 @@ COVERED = {
     "delete_key",
     "put_state",
     "peek_state",
-    "take_state",
+    "get_state",
+    "advance_state",
+    "drop_state",
     "delete_state",
     "hit",
     "unhit",
@@ -103,40 +105,69 @@ def test_delete_key_removes_record_and_blob(store):
     assert store.delete_key("k_1") is False
 
 
-def test_state_is_taken_once_for_the_right_round_and_digest(store):
+def test_state_is_read_only_for_the_right_round_and_digest_and_stays(store):
     rec = inference()
     store.put_state(rec, b"S" * 1000)
     assert store.peek_state("i_1") == rec
-    assert store.take_state("i_1", 2, "d1") is None  # wrong round
-    assert store.take_state("i_1", 1, "dX") is None  # wrong digest
-    assert store.take_state("i_1", 1, "d1") == b"S" * 1000
-    assert store.peek_state("i_1") is None and store.take_state("i_1", 1, "d1") is None
+    assert store.get_state("i_1", 2, "d1") is None  # wrong round
+    assert store.get_state("i_1", 1, "dX") is None  # wrong digest
+    assert store.get_state("i_1", 1, "d1") == b"S" * 1000
+    assert store.get_state("i_1", 1, "d1") == b"S" * 1000  # kept until its successor is written
+    assert store.peek_state("i_1") == rec
+
+
+def test_advance_is_a_compare_and_swap(store):
+    store.put_state(inference(), b"round one")
+    assert not store.advance_state(inference(round=2, digest="d2"), b"round two", 1, "dX")  # stale digest
+    assert not store.advance_state(inference(round=2, digest="d2"), b"round two", 2, "d1")  # stale round
+    assert store.get_state("i_1", 1, "d1") == b"round one"
+    assert store.advance_state(inference(round=2, digest="d2"), b"round two", 1, "d1")
+    assert store.peek_state("i_1").round == 2 and store.get_state("i_1", 2, "d2") == b"round two"
+    assert store.get_state("i_1", 1, "d1") is None
+    assert not store.advance_state(inference(round=2, digest="d2"), b"again", 1, "d1")  # a replay loses
+    assert store.advance_state(inference(round=3, digest="d3", done=True), None, 2, "d2")
+    assert store.peek_state("i_1").done and store.get_state("i_1", 3, "d3") is None  # a tombstone
+    assert not store.advance_state(inference(round=4, digest="d4"), b"x", 3, "d3")  # nothing after done
 
 
 def test_concurrent_replies_to_one_round_have_one_winner(store):
     store.put_state(inference(), b"S" * 1000)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(store.take_state("i_1", 1, "d1"))) for _ in range(8)]
+
+    def answer(i):
+        results.append(store.advance_state(inference(round=2, digest=f"next{i}"), b"T" * 1000, 1, "d1"))
+
+    threads = [threading.Thread(target=answer, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r is not None for r in results) == [False] * 7 + [True]
+    assert sorted(results) == [False] * 7 + [True]
+    winner = store.peek_state("i_1")
+    assert winner.round == 2 and store.get_state("i_1", 2, winner.digest) == b"T" * 1000
+
+
+def test_drop_ends_the_inference_only_at_its_round(store):
+    store.put_state(inference(), b"S")
+    assert not store.drop_state("i_1", 2, "d1")
+    assert store.drop_state("i_1", 1, "d1")
+    assert store.peek_state("i_1") is None and not store.drop_state("i_1", 1, "d1")
 
 
 def test_put_state_replaces_the_round_and_a_finished_inference_is_a_tombstone(store):
     store.put_state(inference(), b"round one")
     store.put_state(inference(round=2, digest="d2"), b"round two")
     assert store.peek_state("i_1").round == 2
-    assert store.take_state("i_1", 1, "d1") is None
+    assert store.get_state("i_1", 1, "d1") is None
     store.put_state(inference(round=3, digest="d3", done=True), None)
     assert store.peek_state("i_1").done
-    assert store.take_state("i_1", 3, "d3") is None  # nothing to resume once done
+    assert store.get_state("i_1", 3, "d3") is None  # nothing to resume once done
 
 
 def test_expired_and_deleted_state_is_gone(store):
     store.put_state(inference("i_old", ttl=-1.0), b"S")
-    assert store.peek_state("i_old") is None and store.take_state("i_old", 1, "d1") is None
+    assert store.peek_state("i_old") is None and store.get_state("i_old", 1, "d1") is None
+    assert not store.advance_state(inference("i_old", round=2, digest="d2"), b"T", 1, "d1")
     store.put_state(inference("i_2"), b"S")
     assert store.delete_state("i_2") is True
     assert store.peek_state("i_2") is None and store.delete_state("i_2") is False

@@ -2,7 +2,10 @@
 
 Every response is a CBF1 envelope (service.protocol): a JSON header frame plus the ciphertexts. Between
 rounds the engine's opaque state waits in the store under a round token that binds tenant, key,
-inference, round and the digest of what was sent; `take_state` hands it out once.
+inference, round and the digest of what was sent. A round's state stays in the store until its
+successor is written by a compare-and-swap (`advance_state`): of concurrent replies to one round exactly
+one gets 200 and the others 409 wrong_round, and a round that failed on the server's side (the engine
+pool or the store) can be answered again with nothing lost.
 """
 
 from __future__ import annotations
@@ -63,31 +66,43 @@ def envelope_response(svc: Service, key_id: str, model_id: str, result: StepResu
     return Response(body, media_type=FRAMES_MEDIA_TYPE, headers=headers)
 
 
-async def record_step(
+def step_record(
     svc: Service, tenant: str, key_id: str, model_id: str, result: StepResult, created_at: float
-) -> str | None:
-    """Store the engine's state for the next round (or a tombstone when done); return the round token."""
+) -> InferenceRecord:
+    """The store record for the engine's step: the round it waits for and the digest of what was sent."""
     step = result.step
-    digest = frames_digest(step.to_client)
-    rec = InferenceRecord(
+    return InferenceRecord(
         step.inference_id,
         tenant,
         key_id,
         model_id,
         step.round,
-        digest,
+        frames_digest(step.to_client),
         step.done,
         created_at,
         time.time() + svc.settings.inference_ttl_s,
     )
-    await svc.db(svc.store.put_state, rec, None if step.done else step.state)
-    svc.metrics.rounds.labels(model_id, step.kind).inc()
+
+
+def count_step(svc: Service, rec: InferenceRecord, result: StepResult) -> str | None:
+    """Metrics for a stored step; the round token for its successor (None when done)."""
+    step = result.step
+    svc.metrics.rounds.labels(rec.model_id, step.kind).inc()
     if result.context_loaded:
         svc.metrics.ctx_loads.inc()
     if step.done:
-        svc.metrics.inferences.labels(model_id, "done").inc()
+        svc.metrics.inferences.labels(rec.model_id, "done").inc()
         return None
-    return round_token(svc.token_key, tenant, key_id, step.inference_id, step.round, digest)
+    return round_token(svc.token_key, rec.tenant, rec.key_id, step.inference_id, step.round, rec.digest)
+
+
+async def record_step(
+    svc: Service, tenant: str, key_id: str, model_id: str, result: StepResult, created_at: float
+) -> str | None:
+    """Store a new inference's first state; return the round token."""
+    rec = step_record(svc, tenant, key_id, model_id, result, created_at)
+    await svc.db(svc.store.put_state, rec, None if result.step.done else result.step.state)
+    return count_step(svc, rec, result)
 
 
 def token_count(raw: str) -> int:
@@ -171,26 +186,43 @@ async def answer_round(
     await key_for(svc, tenant, rec.key_id)
     frames = unpack(data, svc.settings.max_frames, svc.settings.max_frames_bytes)
     svc.metrics.bytes.labels("in", "ciphertext").inc(len(data))
-    # Claim capacity before taking the state, so a 503 or 429 leaves the round answerable.
     svc.require_ready()
     svc.check_capacity(tenant)
-    state = await svc.db(svc.store.take_state, inference_id, round, rec.digest)
+    claim = (inference_id, round)
+    if claim in svc.answering:  # concurrent replies on this replica: 409 at once (replicas race below)
+        raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} is being answered already")
+    svc.answering.add(claim)
+    try:
+        result = await resume_once(svc, tenant, rec, frames, round)
+        nxt = step_record(svc, tenant, rec.key_id, rec.model_id, result, rec.created_at)
+        # The compare-and-swap: the round's state stays until this write succeeds. A store outage here
+        # answers 503 and leaves the round answerable; losing the race to another replica answers 409.
+        state = None if result.step.done else result.step.state
+        if not await svc.db(svc.store.advance_state, nxt, state, round, rec.digest):
+            raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was answered by another request")
+    finally:
+        svc.answering.discard(claim)
+    return envelope_response(svc, rec.key_id, rec.model_id, result, count_step(svc, nxt, result))
+
+
+async def resume_once(svc: Service, tenant: str, rec: InferenceRecord, frames: list[bytes], round: int) -> StepResult:
+    """Run the engine on the round's state, which stays in the store. A reply the engine refuses (the
+    client's fault) ends the inference, so one masked state cannot be probed with several replies."""
+    state = await svc.db(svc.store.get_state, rec.inference_id, round, rec.digest)
     if state is None:
-        raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was already answered")
+        raise ApiError(409, "wrong_round", f"round {round} of {rec.inference_id!r} was already answered")
     try:
         result = await svc.run_engine(
-            tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames, inference_id, round
+            tenant, "resume", worker.resume, rec.model_id, rec.key_id, state, frames, rec.inference_id, round
         )
     except ApiError as exc:
-        if exc.status >= 500 or exc.status == 429:  # not the client's fault: keep the round open
-            await svc.db(svc.store.put_state, rec, state)
-        else:
+        if exc.status < 500 and exc.status != 429:
             svc.metrics.inferences.labels(rec.model_id, "rejected").inc()
+            await svc.db(svc.store.drop_state, rec.inference_id, round, rec.digest)
         raise
-    if result.step.inference_id != inference_id:
+    if result.step.inference_id != rec.inference_id:
         raise ApiError(400, "mixed_round", "the state and the reply belong to different inferences")
-    tok_next = await record_step(svc, tenant, rec.key_id, rec.model_id, result, rec.created_at)
-    return envelope_response(svc, rec.key_id, rec.model_id, result, tok_next)
+    return result
 
 
 @router.delete("/{inference_id}", status_code=204, responses=ERRORS)

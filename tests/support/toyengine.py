@@ -67,7 +67,8 @@ class ToyEngine:
                 "ckks": {"poly_modulus_degree": POLY_N, "coeff_mod_bit_sizes": COEFF_BITS,
                          "scale_bits": SCALE_BITS},
                 "galois_steps": [], "hidden_size": self.hidden, "max_tokens": self.max_tokens,
-                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"]}
+                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"],
+                "rounds": 1, "round_kinds": ["refresh"]}
 
     def client_bundle_files(self) -> dict[str, Path]:
         return {"embeddings.npy": self.dir / "embeddings.npy", "config.json": self.dir / "config.json"}
@@ -174,11 +175,11 @@ def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray, geometry=None) 
     return [ts.ckks_vector(keys.ctx, row.tolist()).serialize() for row in np.asarray(embeddings)]
 
 
-def answer_round(keys: ClientKeys, kind: str, meta: dict, to_client: list[bytes]) -> list[bytes]:
+def answer_round(keys: ClientKeys, kind: str, meta: dict, to_client: list[bytes], geometry=None) -> list[bytes]:
     return [ts.ckks_vector(keys.ctx, ts.ckks_vector_from(keys.ctx, b).decrypt()).serialize() for b in to_client]
 
 
-def decrypt_logits(keys: ClientKeys, meta: dict, to_client: list[bytes]) -> np.ndarray:
+def decrypt_logits(keys: ClientKeys, meta: dict, to_client: list[bytes], num_labels=None) -> np.ndarray:
     return np.array(ts.ckks_vector_from(keys.ctx, to_client[0]).decrypt())
 
 
