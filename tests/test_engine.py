@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from he_models.ckks import CKKSError, CKKSParams, load_ciphertext, pack_eval_keys, save_bytes, unpack_eval_keys
+from he_models.ckks import CKKSParams, load_ciphertext, save_bytes, unpack_eval_keys
 from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
 from he_models.engine import EncryptedEngine, EngineError
 from he_models.kernels import Backend, apply_map, build_map, encode_map

@@ -8,9 +8,9 @@ run; the real model through the same topology is in test_service_e2e.py (slow).
 import httpx
 import pytest
 
+from cipherbert.launch import have, start_nginx, start_redis, start_server
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from cipherbert.launch import have, start_nginx, start_redis, start_server
 from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model, toy_client
 
 KEY = "acme-key-0001"

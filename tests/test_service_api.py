@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tenseal as ts
 
+from cipherbert.launch import start_server
 from clients.sdk import CipherbertError, Client
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from cipherbert.launch import start_server
 from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model, toy_client
 
 ACME, EVIL, LIMITED = "acme-key-0001", "evil-key-0001", "limited-key-01"

@@ -59,7 +59,7 @@ class ToyEngine:
         self.secret = server_secret
 
     @classmethod
-    def load(cls, model_dir, server_secret: bytes, warm=()) -> "ToyEngine":
+    def load(cls, model_dir, server_secret: bytes, warm=()) -> ToyEngine:
         return cls(Path(model_dir), server_secret)
 
     def client_bundle(self) -> dict:
@@ -150,7 +150,7 @@ class ClientKeys:
         self.ctx = ctx
 
     @classmethod
-    def generate(cls, params: dict, galois_steps: list[int]) -> "ClientKeys":
+    def generate(cls, params: dict, galois_steps: list[int]) -> ClientKeys:
         ck = params
         ctx = ts.context(ts.SCHEME_TYPE.CKKS, ck["poly_modulus_degree"], coeff_mod_bit_sizes=ck["coeff_mod_bit_sizes"])
         ctx.global_scale = 2 ** ck["scale_bits"]
@@ -165,7 +165,7 @@ class ClientKeys:
         Path(path).write_bytes(self.ctx.serialize(save_secret_key=True))
 
     @classmethod
-    def load(cls, path) -> "ClientKeys":
+    def load(cls, path) -> ClientKeys:
         ctx = ts.context_from(Path(path).read_bytes())
         ctx.global_scale = 2 ** SCALE_BITS
         return cls(ctx)
