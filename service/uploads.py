@@ -23,6 +23,7 @@ from typing import BinaryIO
 from fastapi import Request
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.contracts import Upload
 from service.errors import ApiError
@@ -134,14 +135,17 @@ class _Sink:
 
 async def _stream_into(request: Request, sink: _Sink, budget: UploadBudget, tenant: str, limit: int, what: str) -> None:
     """Copy the body into the sink, growing its budget reservation as it goes (a chunked body)."""
-    async for chunk in request.stream():
-        if sink.size + len(chunk) > limit:
-            raise ApiError(413, "too_large", f"{what} exceeds the limit of {limit} bytes")
-        if sink.size + len(chunk) > sink.reserved:
-            grow = max(sink.size + len(chunk) - sink.reserved, min(WRITE_CHUNK, limit - sink.reserved))
-            budget.take(tenant, grow)
-            sink.reserved += grow
-        sink.write(chunk)
+    try:
+        async for chunk in request.stream():
+            if sink.size + len(chunk) > limit:
+                raise ApiError(413, "too_large", f"{what} exceeds the limit of {limit} bytes")
+            if sink.size + len(chunk) > sink.reserved:
+                grow = max(sink.size + len(chunk) - sink.reserved, min(WRITE_CHUNK, limit - sink.reserved))
+                budget.take(tenant, grow)
+                sink.reserved += grow
+            sink.write(chunk)
+    except ClientDisconnect:  # the client went away mid-body: nobody reads the answer, nothing is kept
+        raise ApiError(400, "incomplete_body", f"the client disconnected during the {what}") from None
 
 
 @asynccontextmanager
