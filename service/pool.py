@@ -77,6 +77,7 @@ class Service:
         self.tenant_inflight: dict[str, int] = {}
         self.answering: set[tuple[str, int]] = set()  # (inference, round) being answered by this process
         self.uploads = uploads.UploadBudget(self.settings.upload_budget_bytes, self.settings.tenant_upload_bytes)
+        self.metrics.upload_bytes.set_function(lambda: self.uploads.used)
         self._startup: asyncio.Task[None] | None = None
 
     # pool -----------------------------------------------------------------------------------------
