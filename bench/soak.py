@@ -252,20 +252,12 @@ def soak(args, workdir: Path) -> dict:
         )
     finally:
         srv.stop()
-    return summarize(
-        args,
-        records,
-        statuses,
-        setup_errors,
-        elapsed,
-        hostile_statuses,
-        sampler,
-        idle,
-        after,
-        spool_left,
-        hash_ok,
+    report = summarize(
+        args, records, statuses, setup_errors, elapsed, hostile_statuses, sampler, idle, after, spool_left, hash_ok,
         model,
-    )
+    )  # fmt: skip
+    report["worker_rss_after_mb"] = round(worker_after, 1)
+    return report
 
 
 def summarize(
