@@ -126,36 +126,49 @@ def declared_only(url: str, api_key: str, path: str, length: int) -> int:
     return int(head.split()[1]) if head.startswith(b"HTTP/") else 0
 
 
-def hostile_main(index: int, url: str, api_key: str, deadline: float, statuses: dict, lock: threading.Lock) -> None:
-    """One hostile client: a fixed cycle of bad uploads until the deadline (statuses counted by kind)."""
+def hostile_request(http: httpx.Client, url: str, api_key: str, key_id: str, kind: str, junk: bytes, size: int) -> int:
+    """One bad request of the given kind; the status it got (0: the server closed the connection)."""
+    model = "he-bert-tiny-rt"
+    start = {"model": model, "key_id": key_id, "n_tokens": 8}
+    if kind == "garbage_key":  # random bytes: refused by the engine's parser
+        return http.post(f"{url}/v1/keys", params={"model": model}, content=junk[:size]).status_code
+    if kind == "big_key":  # 100 MB, under the limit: spooled to disk, refused by the engine
+        return http.post(f"{url}/v1/keys", params={"model": model}, content=junk).status_code
+    if kind == "oversized_key":
+        return declared_only(url, api_key, f"/v1/keys?model={model}", 300 * MIB)
+    if kind == "oversized_frames":
+        return declared_only(url, api_key, f"/v1/inferences?model={model}&key_id={key_id}&n_tokens=8", 65 * MIB)
+    if kind == "garbage_frames":  # not a frame set
+        return http.post(f"{url}/v1/inferences", params=start, content=junk[: 3 * MIB]).status_code
+    if kind == "truncated_frames":
+        body = b"CBF1\x02\x00\x00\x00" + junk[: 3 * MIB]
+        return http.post(f"{url}/v1/inferences", params=start, content=body).status_code
+    if kind == "junk_ciphertexts":  # a well-formed frame set of random "ciphertexts": the engine refuses them
+        from he_models.wire import pack_frames
+
+        body = pack_frames([junk[i * 400_000 : (i + 1) * 400_000] for i in range(4)])
+        return http.post(f"{url}/v1/inferences", params=start, content=body).status_code
+    token = {"X-Cipherbert-Round-Token": "AAAA"}  # a round of an inference that does not exist
+    return http.post(f"{url}/v1/inferences/i_fake/rounds/1", headers=token, content=junk[:MIB]).status_code
+
+
+HOSTILE_KINDS = ["garbage_key", "oversized_key", "garbage_frames", "truncated_frames", "oversized_frames",
+                 "junk_ciphertexts", "fake_round", "big_key"]  # fmt: skip
+
+
+def hostile_main(
+    index: int, url: str, api_key: str, key_id: str, deadline: float, statuses: dict, lock: threading.Lock
+) -> None:
+    """One hostile client (a real registered key of its own): bad uploads in a fixed cycle until the deadline."""
     rng = __import__("random").Random(index)
     junk = os.urandom(100 * 1000 * 1000)
-    http = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {api_key}"})
-    kinds = ["garbage_key", "oversized_key", "garbage_frames", "truncated_frames", "oversized_frames", "big_key"]
+    http = httpx.Client(timeout=300, headers={"Authorization": f"Bearer {api_key}"})
     k = 0
     while time.time() < deadline:
-        kind = kinds[k % len(kinds)]
+        kind = HOSTILE_KINDS[k % len(HOSTILE_KINDS)]
         k += 1
         try:
-            if kind == "garbage_key":
-                status = http.post(
-                    f"{url}/v1/keys?model=he-bert-tiny-rt", content=junk[: rng.randint(1, 20) * MIB]
-                ).status_code
-            elif kind == "big_key":  # under the limit, spooled to disk, refused by the engine
-                status = http.post(f"{url}/v1/keys?model=he-bert-tiny-rt", content=junk).status_code
-            elif kind == "oversized_key":
-                status = declared_only(url, api_key, "/v1/keys?model=he-bert-tiny-rt", 300 * MIB)
-            elif kind == "oversized_frames":
-                status = declared_only(
-                    url, api_key, "/v1/inferences?model=he-bert-tiny-rt&key_id=k_x&n_tokens=8", 65 * MIB
-                )
-            else:
-                body = b"CBF1\x02\x00\x00\x00" + junk[: 3 * MIB] if kind == "truncated_frames" else junk[: 3 * MIB]
-                status = http.post(
-                    f"{url}/v1/inferences",
-                    params={"model": "he-bert-tiny-rt", "key_id": "k_nope", "n_tokens": 8},
-                    content=body,
-                ).status_code
+            status: int | str = hostile_request(http, url, api_key, key_id, kind, junk, rng.randint(1, 20) * MIB)
         except httpx.HTTPError as exc:
             status = f"error:{type(exc).__name__}"
         with lock:
@@ -222,6 +235,12 @@ def soak(args, workdir: Path) -> dict:
         model_dir = REPO / "models" / model
         texts = [ex.text for ex in load_sst2_dev()][: args.sentences]
         refs = plaintext_reference(model_dir, texts)
+        from clients.sdk import Client
+
+        with Client(srv.url, valid_key, model=model, cache_dir=workdir / "clients") as probe:
+            probe.bundle()  # once, before the client processes share the cache
+        with Client(srv.url, hostile_key, model=model, cache_dir=workdir / "hostile") as bad:
+            hostile_key_id = bad.register_keys()  # a real key: the hostile frames get as far as the engine
         idle = settle(srv.popen.pid, 2.0)
         hostile_statuses: dict = {}
         lock = threading.Lock()
@@ -230,7 +249,9 @@ def soak(args, workdir: Path) -> dict:
         def start_hostile(deadline: float) -> None:
             for i in range(args.hostile):
                 t = threading.Thread(
-                    target=hostile_main, args=(i, srv.url, hostile_key, deadline, hostile_statuses, lock), daemon=True
+                    target=hostile_main,
+                    args=(i, srv.url, hostile_key, hostile_key_id, deadline, hostile_statuses, lock),
+                    daemon=True,
                 )
                 t.start()
                 threads.append(t)
@@ -257,7 +278,18 @@ def soak(args, workdir: Path) -> dict:
         model,
     )  # fmt: skip
     report["worker_rss_after_mb"] = round(worker_after, 1)
+    report["api_rss_timeline_mb"] = timeline(sampler.samples)
     return report
+
+
+def timeline(samples: list[tuple[float, float, float]], step: float = 10.0) -> list[list[float]]:
+    """[seconds since start, API RSS MB, largest worker RSS MB] every `step` seconds: growth or a plateau."""
+    out, t_next = [], samples[0][0] if samples else 0.0
+    for t, api, worker in samples:
+        if t >= t_next:
+            out.append([round(t - samples[0][0], 1), round(api, 1), round(worker, 1)])
+            t_next = t + step
+    return out
 
 
 def summarize(
