@@ -20,9 +20,12 @@ Depends on httpx, numpy, tenseal and he_models.client/wire only: never torch, ne
 
 from __future__ import annotations
 
+import dataclasses
+import email.utils
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +83,7 @@ class Session:
     embedder: TextEmbedder
     bundle: dict
     bundle_dir: Path
+    key_expires_at: float = float("inf")  # this machine's clock (time.time()) when the key expires
 
 
 def default_home() -> Path:
@@ -137,6 +141,9 @@ class Client:
         self._bundles: dict[str, tuple[dict, Path]] = {}
         self.key_upload_bytes = 0
         self._sessions: dict[str, Session] = {}  # model_id -> keys, key id, embedder, bundle
+        self._key_lock = threading.Lock()  # one key renewal at a time (classify_batch runs threads)
+        self._inference_s: list[float] = []  # recent inference times: how early a key must be renewed
+        self._register_s = 0.0
 
     # http ----------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -265,29 +272,41 @@ class Client:
             keys.public_keys_bytes()  # the Galois keys are the slow part (cached by ClientKeys)
             save_secret(keys, secret_path)
             self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
-        key_id: str | None = None
+        key_id, known = None, None
         if meta_path.exists():
             key_id = json.loads(meta_path.read_text()).get("key_id")
-            if key_id and not self._key_alive(key_id):
-                key_id = None
-        if key_id is None:
-            key_id = self._register(keys, bundle, meta_path)
+            known = self._key_expiry(key_id) if key_id else None
+        if key_id is not None and known is not None:
+            expires = known
+        else:
+            key_id, expires = self._register(keys, bundle, meta_path)
         embedder = self.client_half.embedder(bundle, bdir)
-        self._sessions[model] = Session(keys=keys, key_id=key_id, embedder=embedder, bundle=bundle, bundle_dir=bdir)
+        self._sessions[model] = Session(
+            keys=keys, key_id=key_id, embedder=embedder, bundle=bundle, bundle_dir=bdir, key_expires_at=expires
+        )
         return self._sessions[model]
 
-    def _key_alive(self, key_id: str) -> bool:
+    def _key_expiry(self, key_id: str) -> float | None:
+        """When the registered key expires, on this machine's clock; None when the server no longer has it."""
+        t0 = time.time()
         try:
-            self._request("GET", f"/v1/keys/{key_id}")
-            return True
+            resp = self._request("GET", f"/v1/keys/{key_id}")
         except CipherbertError as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
+        info = resp.json()
+        try:  # the server's clock from its Date header (whole seconds): the remaining lifetime, not the date
+            server_now = email.utils.parsedate_to_datetime(resp.headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            server_now = t0
+        return t0 + float(info["expires_at"]) - server_now - 1.0
 
-    def _register(self, keys: KeySet, bundle: dict, meta_path: Path) -> str:
+    def _register(self, keys: KeySet, bundle: dict, meta_path: Path) -> tuple[str, float]:
+        """Register the public keys; returns the key id and when it expires on this machine's clock."""
         public = keys.public_keys_bytes()
         self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
+        t0 = time.time()
         info = self._request(
             "POST",
             "/v1/keys",
@@ -295,6 +314,7 @@ class Client:
             content=public,
             headers={"Content-Type": "application/octet-stream"},
         ).json()
+        self._register_s = time.time() - t0
         meta_path.write_text(
             json.dumps(
                 {
@@ -306,7 +326,33 @@ class Client:
             )
         )
         self.key_upload_bytes = len(public)
-        return info["key_id"]
+        # The key lives expires_at - created_at from the server's start, which is after t0 here.
+        return info["key_id"], t0 + float(info["expires_at"]) - float(info["created_at"])
+
+    def renew_margin(self) -> float:
+        """Seconds of key lifetime an inference needs: twice the slowest recent one, a registration, 1 s."""
+        slowest = max(self._inference_s, default=0.0)
+        return 2.0 * slowest + self._register_s + 1.0
+
+    def _live_session(self, model: str | None = None) -> Session:
+        """The session, with a key that outlives the next inference: a new key is registered when less
+        than `renew_margin()` seconds remain (the old one stays valid for inferences already running)."""
+        session = self._session(model)
+        if session.key_expires_at - time.time() >= self.renew_margin():
+            return session
+        with self._key_lock:
+            current = self._sessions.get(session.bundle["model_id"], session)
+            if current.key_expires_at - time.time() >= self.renew_margin():
+                return current
+            self.progress(f"key {current.key_id} expires in {current.key_expires_at - time.time():.0f} s: renewing")
+            _, meta_path = self._keystore_paths(current.bundle)
+            key_id, expires = self._register(current.keys, current.bundle, meta_path)
+            renewed = dataclasses.replace(current, key_id=key_id, key_expires_at=expires)
+            self._sessions[current.bundle["model_id"]] = renewed
+            return renewed
+
+    def _observe_inference(self, seconds: float) -> None:
+        self._inference_s = [*self._inference_s[-7:], seconds]
 
     def register_keys(self, model: str | None = None) -> str:
         """Make sure keys exist locally and are registered; return the key id."""
@@ -354,15 +400,7 @@ class Client:
 
     def _classify_once(self, text: str, model: str | None) -> Result:
         try:
-            return self._classify(text, model)
-        except CipherbertError as exc:
-            if exc.code != "unknown_key":
-                raise
-            # The registered key expired or was deleted since this session started: register again.
-            self._sessions.pop(model or self.model_id(), None)
-            for path in self._keystore_paths(self.bundle(model)[0])[1:]:
-                path.unlink(missing_ok=True)
-            return self._classify(text, model)
+            return self._classify_with_live_key(text, model)
         except TrustError as exc:  # the server broke the protocol's order or counts
             raise CipherbertError(f"the server misbehaved: {exc}", code=exc.code) from None
         except ValueError as exc:
@@ -373,6 +411,24 @@ class Client:
         except KeyError as exc:  # client-half errors: bad server data
             raise CipherbertError(f"cannot classify this text: {exc}") from None
 
+    def _classify_with_live_key(self, text: str, model: str | None) -> Result:
+        """Keys are renewed before they expire (`_live_session`); a key the server no longer has
+        (expired anyway, or deleted) is registered again and the inference rerun, up to KEY_ATTEMPTS runs."""
+        for attempt in range(KEY_ATTEMPTS):
+            t0 = time.time()
+            try:
+                result = self._classify(text, model)
+                self._observe_inference(time.time() - t0)
+                return result
+            except CipherbertError as exc:
+                if exc.code != "unknown_key" or attempt == KEY_ATTEMPTS - 1:
+                    raise
+                self._observe_inference(time.time() - t0)  # it ran out of key time: renew earlier from now on
+                self._sessions.pop(model or self.model_id(), None)
+                for path in self._keystore_paths(self.bundle(model)[0])[1:]:
+                    path.unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
     def forget_bundle(self, model: str) -> None:
         """Accept a changed bundle: drop its pin (the next use pins the new one)."""
         self.pins.forget(self.base_urls[0], model)
@@ -382,7 +438,7 @@ class Client:
     def _classify(self, text: str, model: str | None = None) -> Result:
         if not isinstance(text, str) or not text.strip():
             raise CipherbertError("cannot classify an empty text")
-        session, half = self._session(model), self.client_half
+        session, half = self._live_session(model), self.client_half
         keys, bundle = session.keys, session.bundle
         t0 = time.perf_counter()
         emb = np.asarray(session.embedder.embed(text))
@@ -453,6 +509,7 @@ class Client:
 
 
 RESTARTABLE = ("unknown_inference", "wrong_round")
+KEY_ATTEMPTS = 3  # runs of one inference when its key turns out expired or deleted (registered again each time)
 
 
 def save_secret(keys: KeySet, path: Path) -> None:

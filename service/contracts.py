@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # at run time the API process imports it only when it unpickles the first result
     from he_models.engine import StepOutput
 
-__all__ = ["Engine", "EngineClass", "InferenceRecord", "KeyRecord", "StepResult", "Store"]
+__all__ = ["Engine", "EngineClass", "InferenceRecord", "KeyRecord", "StepResult", "Store", "TenantUsage", "Upload"]
 
 
 @runtime_checkable
@@ -69,6 +69,38 @@ class StepResult:
     pid: int
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A received request body (service.uploads): small ones in memory, larger ones in a spool file that
+    the engine worker reads itself, so the API process never holds a large body whole. Picklable."""
+
+    size: int
+    sha256: str
+    data: bytes | None = None
+    path: str | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            return b""
+        return Path(self.path).read_bytes()
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant holds in the store now (live keys, pending inferences): what the quotas count."""
+
+    keys: int
+    key_bytes: int
+    inferences: int
+    state_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.key_bytes + self.state_bytes
+
+
 @dataclass
 class KeyRecord:
     key_id: str
@@ -106,7 +138,10 @@ class Store(Protocol):
     Every method may raise service.store.StoreError when the backing store fails (answered 503).
     """
 
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None: ...
+    def put_key(self, rec: KeyRecord, blob: bytes | Path) -> None:
+        """Store a key record and its public context (bytes, or a spool file the store may move)."""
+        ...
+
     def get_key(self, key_id: str) -> KeyRecord | None:
         """The record of a live (unexpired) key, else None."""
         ...
@@ -144,6 +179,10 @@ class Store(Protocol):
 
     def unhit(self, bucket: str, window_s: int, now: float) -> None:
         """Take back a counted request that was refused (refusals do not use up the allowance)."""
+        ...
+
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        """The tenant's live keys (count, bytes) and pending inferences (count, state bytes)."""
         ...
 
     def ping(self) -> bool: ...

@@ -29,4 +29,7 @@ class Metrics:
             "cipherbert_engine_seconds", "time in the engine pool", ["op"], buckets=ENGINE_BUCKETS, registry=r
         )
         self.inflight = Gauge("cipherbert_inflight", "engine jobs queued or running", registry=r)
+        self.upload_bytes = Gauge(
+            "cipherbert_upload_bytes", "request body bytes held now (the upload budget in use)", registry=r
+        )
         self.ctx_loads = Counter("cipherbert_context_loads_total", "evaluation contexts loaded by workers", registry=r)

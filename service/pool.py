@@ -15,13 +15,16 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastapi import Request
+
 from he_models.errors import ClientInputError
-from service import worker
+from service import uploads, worker
+from service.contracts import TenantUsage, Upload
 from service.errors import ApiError, not_ready
 from service.metrics import Metrics
 from service.settings import Settings
@@ -73,6 +76,8 @@ class Service:
         self.inflight = 0
         self.tenant_inflight: dict[str, int] = {}
         self.answering: set[tuple[str, int]] = set()  # (inference, round) being answered by this process
+        self.uploads = uploads.UploadBudget(self.settings.upload_budget_bytes, self.settings.tenant_upload_bytes)
+        self.metrics.upload_bytes.set_function(lambda: self.uploads.used)
         self._startup: asyncio.Task[None] | None = None
 
     # pool -----------------------------------------------------------------------------------------
@@ -242,6 +247,19 @@ class Service:
                 f"tenant rate limit of {limit} requests per {window}s reached ({what})",
                 {"Retry-After": str(max(1, int(retry + 0.999)))},
             )
+
+    def receive(
+        self, request: Request, tenant: str, limit: int, what: str, file_field: str
+    ) -> AbstractAsyncContextManager[tuple[Upload, dict[str, str]]]:
+        """The request's body under the upload budget (service.uploads.receive), released on exit."""
+        spool = self.settings.spool_dir or self.settings.data_dir / "spool"
+        return uploads.receive(
+            request, self.uploads, tenant, limit=limit, what=what, file_field=file_field,
+            spool_dir=spool, spool_above=self.settings.spool_above_bytes,
+        )  # fmt: skip
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        return await self.db(self.store.tenant_usage, tenant)
 
     def model(self, model_id: str) -> ServedModel:
         self.require_ready()

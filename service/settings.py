@@ -216,6 +216,57 @@ class Settings(BaseSettings):
         json_schema_extra=_meta(shown_default="67108864 (64 MiB)"),
     )
     max_frames: int = Field(512, gt=0, description="most ciphertext frames per request")
+    upload_budget_bytes: int = Field(
+        1024 * MIB,
+        gt=0,
+        description=(
+            "bytes of request bodies one replica receives and holds at once (all uploads together, counted "
+            "from Content-Length before the body is read, or as it streams); a body that does not fit is "
+            "refused 429 `upload_budget` + Retry-After. Bodies above `CIPHERBERT_SPOOL_ABOVE_BYTES` go to spool "
+            "files, so this bounds disk and the workers' reads, not the API process's memory"
+        ),
+        json_schema_extra=_meta(shown_default="1073741824 (1 GiB)"),
+    )
+    tenant_upload_bytes: int = Field(
+        0,
+        ge=0,
+        description="one tenant's share of that budget (429 `tenant_upload_budget` above)",
+        json_schema_extra=_meta(shown_default="0 = half the budget"),
+    )
+    spool_above_bytes: int = Field(
+        1 * MIB,
+        ge=0,
+        description="a request body larger than this is streamed to a spool file instead of memory",
+        json_schema_extra=_meta(shown_default="1048576 (1 MiB)"),
+    )
+    spool_dir: Path | None = Field(
+        None,
+        description="where spooled request bodies live while their request runs (deleted after)",
+        json_schema_extra=_meta(shown_default="`<data-dir>/spool`"),
+    )
+    tenant_max_keys: int = Field(
+        16, gt=0, description="live evaluation keys per tenant, all replicas together (403 `key_quota` above)"
+    )
+    tenant_max_key_bytes: int = Field(
+        512 * MIB,
+        gt=0,
+        description="bytes of live evaluation keys per tenant (403 `key_bytes_quota` above)",
+        json_schema_extra=_meta(shown_default="536870912 (512 MiB)"),
+    )
+    tenant_max_inferences: int = Field(
+        32,
+        gt=0,
+        description=(
+            "pending inferences per tenant (started, not finished, aborted or expired), all replicas together "
+            "(429 `inference_quota` + Retry-After above)"
+        ),
+    )
+    tenant_max_stored_bytes: int = Field(
+        1024 * MIB,
+        gt=0,
+        description="bytes a tenant keeps in the store: live keys + pending round states (403 `stored_bytes_quota`)",
+        json_schema_extra=_meta(shown_default="1073741824 (1 GiB)"),
+    )
     ctx_cache: int = Field(
         4, ge=1, description="parsed evaluation contexts cached per worker process (LRU, each ~20-40 MB)"
     )
@@ -266,16 +317,34 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         max_inflight = self.max_inflight or max(8, 4 * self.workers)
         keys, generated = self._resolve_api_keys()
+        tenant_upload = self.tenant_upload_bytes or self.upload_budget_bytes // 2
+        self._check_upload_limits(tenant_upload)
+        spool = self.spool_dir or self.data_dir / "spool"
+        spool.mkdir(parents=True, exist_ok=True)
+        os.chmod(spool, 0o700)
         resolved = self.model_copy(
             update={
                 "api_keys": keys,
                 "secret": self._resolve_secret(),
                 "max_inflight": max_inflight,
                 "tenant_inflight": self.tenant_inflight or max_inflight,
+                "tenant_upload_bytes": tenant_upload,
+                "spool_dir": spool,
             }
         )
         resolved._generated_keys_file = generated
         return resolved
+
+    def _check_upload_limits(self, tenant_upload: int) -> None:
+        """A request the limits allow must fit the budget, or it would be refused 429 forever."""
+        largest = max(self.max_key_bytes, self.max_frames_bytes)
+        if tenant_upload > self.upload_budget_bytes:
+            raise SettingsError("CIPHERBERT_TENANT_UPLOAD_BYTES must not exceed CIPHERBERT_UPLOAD_BUDGET_BYTES")
+        if largest > tenant_upload:
+            raise SettingsError(
+                f"CIPHERBERT_MAX_KEY_BYTES / CIPHERBERT_MAX_FRAMES_BYTES ({largest}) exceed one tenant's upload "
+                f"budget ({tenant_upload}); raise CIPHERBERT_UPLOAD_BUDGET_BYTES or CIPHERBERT_TENANT_UPLOAD_BYTES"
+            )
 
     def _resolve_api_keys(self) -> tuple[dict[str, str], Path | None]:
         keys = dict(self.api_keys)

@@ -14,7 +14,7 @@ blob), kept until its successor is written: `get_state` reads the round's state 
 `advance_state` swaps in the next round only if the record still waits for the round and digest the
 caller read (a compare-and-swap), so of concurrent replies to one round exactly one wins, and a round
 whose engine step or successor write failed (a store outage) can simply be answered again; rate-limit
-counters.
+counters. `tenant_usage` sums what one tenant holds (live keys, pending inferences) for the quotas.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.contracts import InferenceRecord, KeyRecord, Store
+from service.contracts import InferenceRecord, KeyRecord, Store, TenantUsage
 
 __all__ = [
     "InferenceRecord",
@@ -39,6 +39,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "StoreError",
+    "TenantUsage",
     "open_store",
 ]
 
@@ -72,6 +73,7 @@ CREATE TABLE IF NOT EXISTS inferences (
   inference_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, key_id TEXT NOT NULL, model_id TEXT NOT NULL,
   round INTEGER NOT NULL, digest TEXT NOT NULL, done INTEGER NOT NULL,
   created_at REAL NOT NULL, expires_at REAL NOT NULL, state BLOB);
+CREATE INDEX IF NOT EXISTS inferences_tenant ON inferences(tenant, done);
 CREATE TABLE IF NOT EXISTS counters (bucket TEXT PRIMARY KEY, count INTEGER NOT NULL, expires_at REAL NOT NULL);
 """
 
@@ -114,13 +116,16 @@ class SQLiteStore:
         self._exec("DELETE FROM inferences WHERE expires_at <= ?", (now,))
         self._exec("DELETE FROM counters WHERE expires_at <= ?", (now,))
 
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None:
+    def put_key(self, rec: KeyRecord, blob: bytes | Path) -> None:
         self._purge()
         path = self.keys_dir / f"{rec.key_id}.ctx"
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
+        if isinstance(blob, Path):  # a spool file: copied in chunks (moved when on the same file system)
+            _copy_file(blob, tmp)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
         os.replace(tmp, path)
         self._exec(
             "INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
@@ -226,6 +231,18 @@ class SQLiteStore:
             (f"{bucket}:{int(now // window_s)}",),
         )
 
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        now = time.time()
+        keys = self._exec(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM keys WHERE tenant = ? AND expires_at > ?", (tenant, now)
+        )[0]
+        infs = self._exec(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(state)), 0) FROM inferences "
+            "WHERE tenant = ? AND done = 0 AND expires_at > ?",
+            (tenant, now),
+        )[0]
+        return TenantUsage(int(keys[0]), int(keys[1]), int(infs[0]), int(infs[1]))
+
     def ping(self) -> bool:
         self._exec("SELECT 1")
         return True
@@ -236,6 +253,22 @@ class SQLiteStore:
             conn.close()
             self._local.conn = None
 
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """dst (mode 0600) gets src's bytes: a rename on one file system, else a chunked copy."""
+    try:
+        os.chmod(src, 0o600)
+        os.replace(src, dst)
+        return
+    except OSError:
+        pass
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            out.write(chunk)
+
+
+CHUNK = 1 << 20  # bytes per read/append when a spooled key moves into the store
 
 # ----------------------------------------------------------------------------------------------- Redis
 
@@ -278,10 +311,20 @@ class RedisStore:
         except self._redis_mod.RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
 
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None:
+    def put_key(self, rec: KeyRecord, blob: bytes | Path) -> None:
         ttl = max(1, int(rec.expires_at - time.time()))
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(f"{self.prefix}keyblob:{rec.key_id}", blob, ex=ttl)
+        if isinstance(blob, Path):  # appended in chunks under a temporary name, then renamed in the transaction
+            tmp = f"{self.prefix}keyblob-part:{rec.key_id}"
+            self._call(self.r.delete, tmp)
+            with open(blob, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    self._call(self.r.append, tmp, chunk)
+            self._call(self.r.expire, tmp, 600)
+            pipe.rename(tmp, f"{self.prefix}keyblob:{rec.key_id}")
+            pipe.expire(f"{self.prefix}keyblob:{rec.key_id}", ttl)
+        else:
+            pipe.set(f"{self.prefix}keyblob:{rec.key_id}", blob, ex=ttl)
         pipe.set(f"{self.prefix}key:{rec.key_id}", json.dumps(rec.to_dict()), ex=ttl)
         pipe.zadd(f"{self.prefix}tenantkeys:{rec.tenant}", {rec.key_id: rec.expires_at})
         self._call(pipe.execute)
@@ -324,6 +367,8 @@ class RedisStore:
         pipe.delete(key)
         pipe.hset(key, mapping=mapping)
         pipe.expireat(key, int(rec.expires_at) + 1)
+        if not rec.done:  # the tenant's pending inferences, for its quota (cleaned lazily in tenant_usage)
+            pipe.zadd(f"{self.prefix}tenantinf:{rec.tenant}", {rec.inference_id: rec.expires_at})
         self._call(pipe.execute)
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
@@ -379,6 +424,26 @@ class RedisStore:
 
     def unhit(self, bucket: str, window_s: int, now: float) -> None:
         self._call(self.r.decr, f"{self.prefix}rl:{bucket}:{int(now // window_s)}")
+
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        keys = self.list_keys(tenant)
+        zinf = f"{self.prefix}tenantinf:{tenant}"
+        members = [m.decode() for m in self._call(self.r.zrange, zinf, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for iid in members:
+            pipe.hget(f"{self.prefix}inf:{iid}", "done")
+            pipe.hstrlen(f"{self.prefix}inf:{iid}", "state")
+        replies = self._call(pipe.execute) if members else []
+        pending, state_bytes, gone = 0, 0, []
+        for i, iid in enumerate(members):
+            done, size = replies[2 * i], replies[2 * i + 1]
+            if done == b"0":
+                pending, state_bytes = pending + 1, state_bytes + int(size)
+            else:  # finished, aborted, dropped or expired: no longer the tenant's
+                gone.append(iid)
+        if gone:
+            self._call(self.r.zrem, zinf, *gone)
+        return TenantUsage(len(keys), sum(k.size for k in keys), pending, state_bytes)
 
     def ping(self) -> bool:
         return bool(self._call(self.r.ping))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from service.contracts import Engine, EngineClass, StepResult, Store
+from service.contracts import Engine, EngineClass, StepResult, Store, Upload
 from service.store import StoreConfig
 
 if TYPE_CHECKING:
@@ -195,10 +195,35 @@ def _context(model_id: str, key_id: str) -> tuple[Any, bool]:
     return ctx, True
 
 
-def validate_key(model_id: str, key_id: str, blob: bytes) -> float:
+def _frames(frames: list[bytes] | Upload) -> list[bytes]:
+    """The ciphertext frames of a job: already split, or an upload (memory or spool file) the API checked."""
+    if isinstance(frames, Upload):
+        from he_models.wire import unpack_frames
+
+        return unpack_frames(frames.read(), max_frames=1 << 20, max_bytes=max(frames.size, 8))
+    return frames
+
+
+def _trim_heap() -> None:
+    """Hand freed heap back to the OS after a large job (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def validate_key(model_id: str, key_id: str, blob: bytes | Upload) -> float:
     """engine.load_context checks: no secret key, parameters, relin + the plan's Galois keys. Returns seconds."""
     t0 = time.perf_counter()
-    _remember((model_id, key_id), _engine(model_id).load_context(blob))
+    data = blob.read() if isinstance(blob, Upload) else blob
+    try:
+        _remember((model_id, key_id), _engine(model_id).load_context(data))
+    finally:
+        del data
+        if isinstance(blob, Upload) and blob.path is not None:
+            _trim_heap()
     return time.perf_counter() - t0
 
 
@@ -209,17 +234,17 @@ def _result(out: StepOutput, t0: float, loaded: bool) -> StepResult:
     return StepResult(step=step, seconds=time.perf_counter() - t0, context_loaded=loaded, pid=os.getpid())
 
 
-def start(model_id: str, key_id: str, inference_id: str, n_tokens: int, frames: list[bytes]) -> StepResult:
+def start(model_id: str, key_id: str, inference_id: str, n_tokens: int, frames: list[bytes] | Upload) -> StepResult:
     t0 = time.perf_counter()
     ctx, loaded = _context(model_id, key_id)
-    return _result(_engine(model_id).start(ctx, inference_id, n_tokens, frames), t0, loaded)
+    return _result(_engine(model_id).start(ctx, inference_id, n_tokens, _frames(frames)), t0, loaded)
 
 
 def resume(
-    model_id: str, key_id: str, state: bytes, frames: list[bytes], inference_id: str, round_no: int
+    model_id: str, key_id: str, state: bytes, frames: list[bytes] | Upload, inference_id: str, round_no: int
 ) -> StepResult:
     """inference_id and round_no come from the verified round token: the engine checks the state agrees."""
     t0 = time.perf_counter()
     ctx, loaded = _context(model_id, key_id)
-    out = _engine(model_id).resume(ctx, state, frames, inference_id=inference_id, round_no=round_no)
+    out = _engine(model_id).resume(ctx, state, _frames(frames), inference_id=inference_id, round_no=round_no)
     return _result(out, t0, loaded)

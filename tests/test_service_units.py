@@ -129,7 +129,9 @@ KNOWN_VARIABLES = {
     "CIPHERBERT_TENANT_INFLIGHT", "CIPHERBERT_RATE_LIMIT", "CIPHERBERT_KEY_TTL_S", "CIPHERBERT_INFERENCE_TTL_S",
     "CIPHERBERT_MAX_KEY_BYTES", "CIPHERBERT_MAX_FRAMES_BYTES", "CIPHERBERT_MAX_FRAMES", "CIPHERBERT_CTX_CACHE",
     "CIPHERBERT_ENGINE_WORKERS", "CIPHERBERT_WARM_TOKENS", "CIPHERBERT_ENGINE", "CIPHERBERT_MODELS",
-    "CIPHERBERT_REPLICA_ID",
+    "CIPHERBERT_REPLICA_ID", "CIPHERBERT_UPLOAD_BUDGET_BYTES", "CIPHERBERT_TENANT_UPLOAD_BYTES",
+    "CIPHERBERT_SPOOL_ABOVE_BYTES", "CIPHERBERT_SPOOL_DIR", "CIPHERBERT_TENANT_MAX_KEYS",
+    "CIPHERBERT_TENANT_MAX_KEY_BYTES", "CIPHERBERT_TENANT_MAX_INFERENCES", "CIPHERBERT_TENANT_MAX_STORED_BYTES",
 }
 
 
@@ -152,7 +154,10 @@ def test_every_variable_is_declared_once_and_read_from_the_environment(tmp_path,
            "API_KEYS_FILE": "/k", "SECRET": "s" * 20, "REDIS_URL": "redis://h:1/0", "WORKERS": "3",
            "ENGINE_WORKERS": "2", "WARM_TOKENS": "32,64", "MAX_INFLIGHT": "9", "TENANT_INFLIGHT": "4",
            "RATE_LIMIT": "10/5", "KEY_TTL_S": "7", "INFERENCE_TTL_S": "8", "MAX_KEY_BYTES": "100",
-           "MAX_FRAMES_BYTES": "200", "MAX_FRAMES": "3", "CTX_CACHE": "5", "ENGINE": "m:C", "REPLICA_ID": "r1"}
+           "MAX_FRAMES_BYTES": "200", "MAX_FRAMES": "3", "CTX_CACHE": "5", "ENGINE": "m:C", "REPLICA_ID": "r1",
+           "UPLOAD_BUDGET_BYTES": "1000", "TENANT_UPLOAD_BYTES": "600", "SPOOL_ABOVE_BYTES": "10", "SPOOL_DIR": "/sp",
+           "TENANT_MAX_KEYS": "2", "TENANT_MAX_KEY_BYTES": "300", "TENANT_MAX_INFERENCES": "4",
+           "TENANT_MAX_STORED_BYTES": "500"}
     for name, value in env.items():
         monkeypatch.setenv("CIPHERBERT_" + name, value)
     s = Settings()
@@ -163,6 +168,9 @@ def test_every_variable_is_declared_once_and_read_from_the_environment(tmp_path,
     assert (s.max_inflight, s.tenant_inflight, s.rate_limit, s.key_ttl_s, s.inference_ttl_s) == (9, 4, (10, 5), 7, 8)
     assert (s.max_key_bytes, s.max_frames_bytes, s.max_frames, s.ctx_cache, s.engine, s.replica_id) == (
         100, 200, 3, 5, "m:C", "r1")
+    assert (s.upload_budget_bytes, s.tenant_upload_bytes, s.spool_above_bytes, str(s.spool_dir)) == (1000, 600, 10, "/sp")
+    assert (s.tenant_max_keys, s.tenant_max_key_bytes, s.tenant_max_inferences, s.tenant_max_stored_bytes) == (
+        2, 300, 4, 500)
     assert Settings(workers=1).workers == 1  # keyword arguments (the CLI) win over the environment
     monkeypatch.setenv("CIPHERBERT_WORKERS", "")  # empty means unset, as before
     assert Settings().workers == 2

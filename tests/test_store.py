@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cipherbert.launch import free_port, have, start_redis
-from service.contracts import Store
+from service.contracts import Store, TenantUsage
 from service.store import InferenceRecord, KeyRecord, RedisStore, SQLiteStore, StoreConfig, StoreError, open_store
 
 BACKENDS = [
@@ -70,12 +70,40 @@ COVERED = {
     "unhit",
     "ping",
     "close",
+    "tenant_usage",
 }
 
 
 def test_the_protocol_is_what_these_tests_cover(store):
     assert isinstance(store, Store)
     assert {name for name in vars(Store) if not name.startswith("_")} == COVERED
+
+
+def test_a_spooled_key_moves_into_the_store(store, tmp_path):
+    spool = tmp_path / "spool.body"
+    blob = bytes(range(256)) * 9000  # over one copy chunk
+    spool.write_bytes(blob)
+    store.put_key(key("k_sp"), spool)
+    assert store.get_key_blob("k_sp") == blob
+
+
+def test_tenant_usage_counts_live_keys_and_pending_inferences(store):
+    assert store.tenant_usage("acme") == TenantUsage(0, 0, 0, 0)
+    store.put_key(key("k_1"), b"abc")
+    store.put_key(key("k_2"), b"defg")
+    store.put_key(key("k_old", ttl=-1), b"x")  # expired: not counted
+    store.put_key(key("k_evil", tenant="evil"), b"y")
+    store.put_state(inference("i_1"), b"12345")
+    store.put_state(inference("i_2"), b"67")
+    store.put_state(inference("i_done", done=True), None)  # a tombstone holds nothing
+    usage = store.tenant_usage("acme")
+    assert (usage.keys, usage.key_bytes, usage.inferences, usage.state_bytes) == (2, 6, 2, 7)
+    assert usage.stored_bytes == 13
+    assert store.advance_state(inference("i_1", round=2, digest="d2", done=True), None, 1, "d1")
+    store.delete_state("i_2")
+    store.delete_key("k_1")
+    assert store.tenant_usage("acme") == TenantUsage(1, 3, 0, 0)
+    assert store.tenant_usage("evil").keys == 1
 
 
 def test_keys_round_trip_and_stay_with_their_tenant(store):

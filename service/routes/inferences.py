@@ -17,14 +17,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service import worker
-from service.contracts import InferenceRecord, StepResult
+from service.contracts import InferenceRecord, StepResult, Upload
 from service.deps import EngineTenant, ServiceDep, Tenant
 from service.errors import ApiError
 from service.pool import Service
 from service.protocol import FRAMES_MEDIA_TYPE, frames_digest, pack_envelope, round_token, token_matches
+from service.quotas import inference_quota_error, raise_if
 from service.routes.keys import key_for
 from service.schemas import ENVELOPE_RESPONSE, ERRORS, FRAMES_BODY, multipart_body
-from service.uploads import binary_input, param, unpack
+from service.uploads import check_frames, param
 
 router = APIRouter(prefix="/inferences", tags=["inference"])
 
@@ -123,23 +124,32 @@ async def start_inference(
 ) -> Response:
     """Start an encrypted inference: the body is a CBF1 frame set of the encrypted embeddings."""
     await svc.rate_limit(tenant, "inference")
-    data, fields = await binary_input(request, svc.settings.max_frames_bytes, "ciphertext upload", "frames")
-    model_id, kid = param(request, fields, "model"), param(request, fields, "key_id")
-    n = token_count(param(request, fields, "n_tokens"))
-    max_tokens = svc.model(model_id).info.max_tokens
-    if not 1 <= n <= max_tokens:
-        raise ApiError(422, "invalid_request", f"n_tokens must be in 1..{max_tokens}, got {n}")
-    rec = await key_for(svc, tenant, kid)
-    if rec.model_id != model_id:
-        raise ApiError(400, "wrong_model", f"key {kid!r} was registered for model {rec.model_id!r}, not {model_id!r}")
-    frames = unpack(data, svc.settings.max_frames, svc.settings.max_frames_bytes)
-    svc.metrics.bytes.labels("in", "ciphertext").inc(len(data))
-    inference_id = "i_" + secrets.token_urlsafe(18)
-    created = time.time()
-    result = await svc.run_engine(tenant, "start", worker.start, model_id, kid, inference_id, n, frames)
+    raise_if(inference_quota_error(svc.settings, await svc.usage(tenant)))  # early, before the upload
+    limit = svc.settings.max_frames_bytes
+    async with svc.receive(request, tenant, limit, "ciphertext upload", "frames") as (up, fields):
+        model_id, kid = param(request, fields, "model"), param(request, fields, "key_id")
+        n = token_count(param(request, fields, "n_tokens"))
+        max_tokens = svc.model(model_id).info.max_tokens
+        if not 1 <= n <= max_tokens:
+            raise ApiError(422, "invalid_request", f"n_tokens must be in 1..{max_tokens}, got {n}")
+        rec = await key_for(svc, tenant, kid)
+        if rec.model_id != model_id:
+            raise ApiError(
+                400, "wrong_model", f"key {kid!r} was registered for model {rec.model_id!r}, not {model_id!r}"
+            )
+        check_frames(up, svc.settings.max_frames)
+        svc.metrics.bytes.labels("in", "ciphertext").inc(up.size)
+        inference_id = "i_" + secrets.token_urlsafe(18)
+        created = time.time()
+        result = await svc.run_engine(tenant, "start", worker.start, model_id, kid, inference_id, n, up)
     if result.step.inference_id != inference_id:
         raise ApiError(503, "engine_failure", "engine answered for another inference")
     tok = await record_step(svc, tenant, kid, model_id, result, created)
+    if not result.step.done:
+        over = inference_quota_error(svc.settings, await svc.usage(tenant), new=0)
+        if over is not None:  # concurrent starts (any replica) took the last places: undo this one
+            await svc.db(svc.store.delete_state, inference_id)
+            raise over
     return envelope_response(svc, kid, model_id, result, tok)
 
 
@@ -181,13 +191,22 @@ async def answer_round(
     tok = request.headers.get(ROUND_TOKEN_HEADER) or token
     if not tok:
         raise ApiError(400, "missing_round_token", f"send the round token in {ROUND_TOKEN_HEADER}")
-    data, _ = await binary_input(request, svc.settings.max_frames_bytes, "ciphertext upload", "frames")
-    rec = await pending_round(svc, tenant, inference_id, round, tok)
-    await key_for(svc, tenant, rec.key_id)
-    frames = unpack(data, svc.settings.max_frames, svc.settings.max_frames_bytes)
-    svc.metrics.bytes.labels("in", "ciphertext").inc(len(data))
-    svc.require_ready()
-    svc.check_capacity(tenant)
+    async with svc.receive(request, tenant, svc.settings.max_frames_bytes, "ciphertext upload", "frames") as (up, _):
+        rec = await pending_round(svc, tenant, inference_id, round, tok)
+        await key_for(svc, tenant, rec.key_id)
+        check_frames(up, svc.settings.max_frames)
+        svc.metrics.bytes.labels("in", "ciphertext").inc(up.size)
+        svc.require_ready()
+        svc.check_capacity(tenant)
+        nxt, result = await answer_claimed(svc, tenant, rec, up, round)
+    return envelope_response(svc, rec.key_id, rec.model_id, result, count_step(svc, nxt, result))
+
+
+async def answer_claimed(
+    svc: Service, tenant: str, rec: InferenceRecord, frames: Upload, round: int
+) -> tuple[InferenceRecord, StepResult]:
+    """Answer the round once per replica at a time, then advance the record by compare-and-swap."""
+    inference_id = rec.inference_id
     claim = (inference_id, round)
     if claim in svc.answering:  # concurrent replies on this replica: 409 at once (replicas race below)
         raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} is being answered already")
@@ -202,10 +221,10 @@ async def answer_round(
             raise ApiError(409, "wrong_round", f"round {round} of {inference_id!r} was answered by another request")
     finally:
         svc.answering.discard(claim)
-    return envelope_response(svc, rec.key_id, rec.model_id, result, count_step(svc, nxt, result))
+    return nxt, result
 
 
-async def resume_once(svc: Service, tenant: str, rec: InferenceRecord, frames: list[bytes], round: int) -> StepResult:
+async def resume_once(svc: Service, tenant: str, rec: InferenceRecord, frames: Upload, round: int) -> StepResult:
     """Run the engine on the round's state, which stays in the store. A reply the engine refuses (the
     client's fault) ends the inference, so one masked state cannot be probed with several replies."""
     state = await svc.db(svc.store.get_state, rec.inference_id, round, rec.digest)

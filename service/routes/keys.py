@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,8 +14,9 @@ from service.contracts import KeyRecord
 from service.deps import EngineTenant, ServiceDep, Tenant
 from service.errors import ApiError
 from service.pool import Service
+from service.quotas import key_quota_error, raise_if
 from service.schemas import ERRORS, KeyInfo, KeyList
-from service.uploads import binary_input, param
+from service.uploads import declared_length, param
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -61,19 +62,24 @@ async def register_key(
 ) -> JSONResponse:
     """Register a public CKKS context (relinearization + the model's Galois keys, no secret key)."""
     await svc.rate_limit(tenant, "key registration")
-    blob, fields = await binary_input(request, svc.settings.max_key_bytes, "public context", "context")
-    model_id = param(request, fields, "model")
-    svc.model(model_id)
-    if not blob:
-        raise ApiError(400, "empty_context", "the uploaded public context is empty")
-    svc.metrics.bytes.labels("in", "context").inc(len(blob))
-    key_id = "k_" + secrets.token_urlsafe(18)
-    await svc.run_engine(tenant, "load_context", worker.validate_key, model_id, key_id, blob)
-    now = time.time()
-    rec = KeyRecord(
-        key_id, tenant, model_id, now, now + svc.settings.key_ttl_s, len(blob), hashlib.sha256(blob).hexdigest()
-    )
-    await svc.db(svc.store.put_key, rec, blob)
+    declared = declared_length(request, svc.settings.max_key_bytes, "public context") or 0
+    raise_if(key_quota_error(svc.settings, await svc.usage(tenant), declared))  # early, before the upload
+    async with svc.receive(request, tenant, svc.settings.max_key_bytes, "public context", "context") as (up, fields):
+        model_id = param(request, fields, "model")
+        svc.model(model_id)
+        if not up.size:
+            raise ApiError(400, "empty_context", "the uploaded public context is empty")
+        raise_if(key_quota_error(svc.settings, await svc.usage(tenant), up.size))
+        svc.metrics.bytes.labels("in", "context").inc(up.size)
+        key_id = "k_" + secrets.token_urlsafe(18)
+        await svc.run_engine(tenant, "load_context", worker.validate_key, model_id, key_id, up)
+        now = time.time()
+        rec = KeyRecord(key_id, tenant, model_id, now, now + svc.settings.key_ttl_s, up.size, up.sha256)
+        await svc.db(svc.store.put_key, rec, Path(up.path) if up.path else up.read())
+    over = key_quota_error(svc.settings, await svc.usage(tenant), 0, new_keys=0)
+    if over is not None:  # a concurrent registration (any replica) took the last place: undo ours
+        await svc.db(svc.store.delete_key, key_id)
+        raise over
     return JSONResponse(key_info(rec).model_dump(), status_code=201)
 
 
