@@ -25,6 +25,7 @@ import email.utils
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -99,6 +100,18 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write via a temporary file unique to this writer, so clients sharing a cache never collide."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class Client:
@@ -233,10 +246,8 @@ class Client:
             data = self._request("GET", f"/v1/models/{model}/bundle/files/{name}").content
             if hashlib.sha256(data).hexdigest() != f["sha256"]:
                 raise CipherbertError(f"bundle file {name} failed its sha256 check")
-            tmp = target.with_suffix(target.suffix + ".part")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        (bdir / "bundle.json").write_text(json.dumps(bundle, indent=1))
+            _write_atomically(target, data)
+        _write_atomically(bdir / "bundle.json", json.dumps(bundle, indent=1).encode())
         self._bundles[model] = (bundle, bdir)
         return bundle, bdir
 

@@ -393,3 +393,23 @@ def test_engine_workers_never_outlive_the_server(tmp_path, how):
         assert not [w for w in workers if os.path.exists(f"/proc/{w}")]
     finally:
         server.stop()
+
+
+def test_clients_sharing_a_cache_download_a_bundle_at_once(server, tmp_path):
+    """Eight SDK clients on one cache directory fetch the same bundle concurrently: every file ends whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(_):
+        with toy_client(server.url, ACME, cache_dir=tmp_path / "shared") as client:
+            bundle, bdir = client.bundle("toy")
+            return bundle, bdir
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(fetch, range(8)))
+    bundle, bdir = results[0]
+    assert {str(d) for _, d in results} == {str(bdir)}
+    for f in bundle["files"]:
+        import hashlib
+
+        assert hashlib.sha256((bdir / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+    assert not list(bdir.glob("*.part")) and not list(bdir.glob(".*.part"))
