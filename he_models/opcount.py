@@ -13,14 +13,20 @@ when every multiplication uses all slots: the yardstick the engine's own count i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 KINDS = ("rotations", "multiply_plain", "multiply", "encodes", "additions", "rescales", "relins", "mod_switches")
+REPORTED = ("rotations", "multiply_plain", "multiply", "encodes", "additions")
+OFF_PATH = "precompute"  # work done while the client is busy: counted, but not on the critical path
 
 # SEAL method name -> the kind it counts as
 _EVALUATOR_KINDS = {
@@ -61,10 +67,11 @@ class Counter:
     _stack: list[str] = field(default_factory=list)
 
     def record(self, kind: str, seconds: float) -> None:
+        """One operation of `kind`, attributed to every section open around it (a round and its parts)."""
         self.counts[kind] += 1
         self.seconds[kind] += seconds
-        if self._stack:
-            self.sections[self._stack[-1]][kind] += 1
+        for name in dict.fromkeys(self._stack):
+            self.sections[name][kind] += 1
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -83,9 +90,18 @@ class Counter:
             for k in KINDS:
                 self.sections[name][k] += counts[k]
 
-    def summary(self) -> dict:
-        """The five kinds the issue reports, as plain ints."""
-        return {k: self.counts[k] for k in ("rotations", "multiply_plain", "multiply", "encodes", "additions")}
+    def summary(self, section: str | None = None) -> dict:
+        """The five reported kinds, as plain ints: overall, or of one section."""
+        counts = self.counts if section is None else self.sections.get(section, dict.fromkeys(KINDS, 0))
+        return {k: int(counts[k]) for k in REPORTED}
+
+    def critical(self, off_path: tuple[str, ...] = (OFF_PATH,)) -> dict:
+        """The reported kinds minus the operations of sections off the critical path (precomputation)."""
+        total = self.summary()
+        for name in off_path:
+            for k, v in self.summary(name).items():
+                total[k] -= v
+        return total
 
     def to_dict(self) -> dict:
         return {
@@ -134,6 +150,20 @@ def section(name: str) -> Iterator[None]:
         yield
 
 
+def sectioned(name: str) -> Callable[[F], F]:
+    """Decorator: every call of the function is a section `name`."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with section(name):
+                return fn(*args, **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
 class _Counting:
     """Forwards attribute access to the wrapped SEAL object, timing and counting the calls it knows."""
 
@@ -166,6 +196,14 @@ class CountingEvaluator(_Counting):
 
 class CountingEncoder(_Counting):
     _kinds = {"encode": "encodes"}
+
+
+def install(backend) -> None:
+    """Wrap a Backend's evaluator and encoder so that counting() sees their calls (idempotent)."""
+    if not isinstance(backend.evaluator, CountingEvaluator):
+        backend.evaluator = CountingEvaluator(backend.evaluator)
+    if not isinstance(backend.encoder, CountingEncoder):
+        backend.encoder = CountingEncoder(backend.encoder)
 
 
 def multiply_plain_floor(plan, n_tokens: int, corrections: bool = True) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tenseal.sealapi as seal
 
+from he_models import opcount
 from he_models.contracts import EvalContext
 from he_models.corrections import CORRECTIONS, CorrectionKernels, correction_weights
 from he_models.kernels import Backend, apply_map, subset_map
@@ -45,6 +46,7 @@ class RoundParts:
             return self.ffn(ctx, **kwargs)
         raise KeyError(f"no engine part named {name!r}")
 
+    @opcount.sectioned("qkv")
     def qkv(
         self, ctx: EvalContext, geo: Geometry, layer: int, raw: list[seal.Ciphertext], which: str
     ) -> list[seal.Ciphertext]:
@@ -70,9 +72,11 @@ class RoundParts:
         self, ctx: EvalContext, name: str, geo: Geometry, layer: int, inference: str, r: int, cts: list[seal.Ciphertext]
     ) -> list[seal.Ciphertext]:
         """Correction `name` (see he_models.corrections) with this round's masks, applied to `cts`."""
-        weights = correction_weights(CORRECTIONS[name], self.plan, self.masks, geo, layer, inference, r)
-        return apply_map(self.backend, self.corrections.build(name, geo, weights), cts, ctx.galois)
+        with opcount.section(name):
+            weights = correction_weights(CORRECTIONS[name], self.plan, self.masks, geo, layer, inference, r)
+            return apply_map(self.backend, self.corrections.build(name, geo, weights), cts, ctx.galois)
 
+    @opcount.sectioned("ffn")
     def ffn(
         self, ctx: EvalContext, geo: Geometry, layer: int, h_raw: list[seal.Ciphertext], half: int | None
     ) -> list[seal.Ciphertext]:

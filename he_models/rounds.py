@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import tenseal.sealapi as seal
 
-from he_models import protocol_spec
+from he_models import opcount, protocol_spec
 from he_models.assistant import Splitter
 from he_models.ckks import encode_vector, save_bytes
 from he_models.contracts import EngineError, EvalContext, StepOutput
@@ -61,8 +61,9 @@ class RoundMachine:
         if not isinstance(inference_id, str) or not inference_id or len(inference_id) > MAX_INFERENCE_ID:
             raise EngineError(f"inference id must be 1..{MAX_INFERENCE_ID} characters")
         geo = self.geometry(n_tokens)
-        raw = load_fresh(self.backend, inputs, geo.fm_cts(geo.hidden), "input")
-        return self.begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
+        with opcount.section("start"):
+            raw = load_fresh(self.backend, inputs, geo.fm_cts(geo.hidden), "input")
+            return self.begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
 
     def resume(
         self,
@@ -85,6 +86,11 @@ class RoundMachine:
             )
         if header.key != ctx.fingerprint:
             raise EngineError("reply uses different evaluation keys than the inference started with")
+        with opcount.section(f"r{header.round}:{header.kind}"):
+            return self.step(ctx, header, saved, replies)
+
+    def step(self, ctx: EvalContext, header: RoundHeader, saved: Saved, replies: list[bytes]) -> StepOutput:
+        """The server's work between the reply to round `header.round` and the next message."""
         geo = Geometry.from_dict(header.geometry)
         layer, kind_index = divmod(header.round - 1, ROUNDS_PER_LAYER)
         inference, r = header.inference_id, header.round
