@@ -81,3 +81,31 @@ def pooling(segments: Sequence[int], mean: bool) -> np.ndarray:
             pool[start, s] = 1.0
         start += length
     return pool
+
+
+def score_weights(segments: Sequence[int]) -> np.ndarray:
+    """(n, n) [k, i]: what turns the client's scores, scaled for n tokens, into per-sentence scores.
+
+    Zero between tokens of different sentences (block-diagonal attention), sqrt(n / n_s) inside
+    sentence s: 2Quad's 1/sqrt(length) belongs to the sentence, not to the packed chunk.
+    """
+    n = sum(segments)
+    lengths = per_token(segments, segments)
+    return same_segment(segments) * np.sqrt(n / lengths)[None, :]
+
+
+def segment_lengths(segments: Sequence[int]) -> np.ndarray:
+    """Length of each token's sentence."""
+    return per_token(segments, segments)
+
+
+# Between packed sentences the attention weights are 0 by construction; their mask only has to flood
+# the CKKS noise there (about 1e-10), not hide a value, so it is 2^-10 of the usual width. The client's
+# context product and the server's corrections then carry that much less mask across sentences, and
+# a packed sentence is as precise as the same sentence alone.
+CROSS_MASK_FACTOR = 2.0**-10
+
+
+def attention_mask_factor(segments: Sequence[int]) -> np.ndarray:
+    """(n, n) [k, i]: 1 inside a sentence, CROSS_MASK_FACTOR between sentences."""
+    return np.where(same_segment(segments), 1.0, CROSS_MASK_FACTOR)
