@@ -6,6 +6,14 @@ rounds, bytes each way, evaluation-key size and peak memory at 16/32/64/128 toke
 PyTorch time for the same input; and, measured in the same run, a naive TenSEAL baseline (one
 CKKSVector per token, CKKSVector.matmul and polyval) on the first encoder layer's linear projections,
 against the engine doing the same projections for 32 tokens at once.
+
+Ratios that survive a noisy machine (issue 12), all from the same run: every row also runs with the
+engine in one process ("e2e_one_process_s") and counts the CKKS operations of one inference on the
+critical path ("ops", per round in "ops_per_round", per kernel in "ops_by_part"); "rotation_s" is
+one Galois rotation of a fresh ciphertext timed in this run, so e2e / rotation_s is the latency in
+rotation-times; "length_ratio_128_32" is the one-process e2e at 128 over 32 tokens;
+"multiply_plain_floor_32" the fewest slot-filling plaintext products a 32-token inference needs;
+"batch" compares 16 short sentences classified as a batch and one by one.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from he_models import opcount
 from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
 from he_models.engine import EncryptedEngine
 from he_models.kernels import apply_map
+from he_models.opcount import multiply_plain_floor
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "he-bert-tiny-rt"
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -136,6 +146,91 @@ def engine_projections(engine: EncryptedEngine, keys: ClientKeys, ctx, x: np.nda
     return statistics.median(times)
 
 
+def rotation_seconds(engine: EncryptedEngine, keys: ClientKeys, ctx, reps: int = 30) -> float:
+    """Median time of one Galois rotation (step 1) of a fresh top-level ciphertext."""
+    from he_models.ckks import load_ciphertext
+
+    geo = engine.geometry(32)
+    x = np.random.default_rng(0).normal(size=(32, geo.hidden))
+    ct = load_ciphertext(engine.backend.context, encrypt_embeddings(keys, x, geo)[0])
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        engine.backend.rotate(ct, 1, ctx.galois)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def counted_run(engine: EncryptedEngine, keys: ClientKeys, ctx, emb: np.ndarray, inference_id: str) -> dict:
+    """One inference with every CKKS operation counted: overall, per round and per kernel."""
+    opcount.install(engine.backend)
+    with opcount.counting() as counter:
+        encrypted_run(engine, keys, ctx, emb, inference_id)
+    rounds = {name: counter.summary(name) for name in counter.sections if name == "start" or name[:1] == "r"}
+    parts = {name: counter.summary(name) for name in counter.sections if name not in rounds}
+    return {"ops": counter.critical(), "ops_per_round": rounds, "ops_by_part": parts,
+            "ops_all": counter.summary(), "op_seconds": {k: round(v, 4) for k, v in counter.seconds.items()}}
+
+
+def one_process_row(single: EncryptedEngine, keys: ClientKeys, ctx, emb: np.ndarray, reps: int) -> dict:
+    """e2e with the engine in one process (median of reps) and the op counts of one inference."""
+    n = emb.shape[0]
+    counted = counted_run(single, keys, ctx, emb, f"count-{n}")  # also warms this length's layouts
+    runs = [encrypted_run(single, keys, ctx, emb, f"one-{n}-{i}") for i in range(reps)]
+    return {"e2e_one_process_s": statistics.median(r["e2e"] for r in runs), "reps_one_process": reps, **counted}
+
+
+def short_sentences(embedder: Embedder, count: int = 16, max_tokens: int = 15) -> list[str]:
+    from cipherbert.data import load_sst2_dev
+
+    texts = [ex.text for ex in load_sst2_dev() if len(embedder.token_ids(ex.text)) <= max_tokens]
+    return texts[:count]
+
+
+def batch_compare(single: EncryptedEngine, keys: ClientKeys, ctx, embedder: Embedder) -> dict:
+    """16 short sentences one by one against one batch (packed into 32-token chunks), engine in one process."""
+    texts = short_sentences(embedder)
+    start = time.perf_counter()
+    alone = [encrypted_run(single, keys, ctx, embedder.embed(t), f"one-by-one-{i}")["logits"]
+             for i, t in enumerate(texts)]
+    one_by_one = time.perf_counter() - start
+    start = time.perf_counter()
+    packed, groups = batch_run(single, keys, ctx, embedder, texts)
+    batch = time.perf_counter() - start
+    diff = float(max(np.abs(a - b).max() for a, b in zip(alone, packed, strict=True)))
+    same = sum(int(np.argmax(a) == np.argmax(b)) for a, b in zip(alone, packed, strict=True))
+    return {"sentences": len(texts), "tokens": [len(embedder.token_ids(t)) for t in texts], "inferences": groups,
+            "one_by_one_s": one_by_one, "batch_s": batch, "speedup": one_by_one / batch,
+            "max_abs_logit_diff_vs_one_by_one": diff, "same_labels": same}
+
+
+def batch_run(single: EncryptedEngine, keys: ClientKeys, ctx, embedder: Embedder,
+              texts: list[str]) -> tuple[list[np.ndarray], int]:
+    """Logits of every sentence, packing short ones into one inference per 32-token chunk
+    (he_models.packing: block-diagonal attention, per-sentence pooling)."""
+    from he_models.client import decrypt_segment_logits
+    from he_models.packing import pack
+
+    embs = [embedder.embed(t) for t in texts]
+    groups = pack([e.shape[0] for e in embs])
+    logits: list[np.ndarray] = [np.zeros(0)] * len(texts)
+    for g, members in enumerate(groups):
+        if len(members) == 1:
+            logits[members[0]] = encrypted_run(single, keys, ctx, embs[members[0]], f"batch-{g}")["logits"]
+            continue
+        emb = np.concatenate([embs[i] for i in members])
+        segments = [embs[i].shape[0] for i in members]
+        iid = f"batch-{g}"
+        out = single.start(ctx, iid, emb.shape[0], encrypt_embeddings(keys, emb, single.geometry(emb.shape[0])),
+                           segments=segments)
+        while not out.done:
+            replies = answer_round(keys, out.kind, out.meta, out.to_client)
+            out = single.resume(ctx, out.state, replies, inference_id=iid, round_no=out.round)
+        for i, row in zip(members, decrypt_segment_logits(keys, out.meta, out.to_client, len(members)), strict=True):
+            logits[i] = row
+    return logits, len(groups)
+
+
 def mask_tradeoff(engine: EncryptedEngine, keys: ClientKeys, ctx, embedder: Embedder, model,
                   bits_list: list[int], sentences: int = 8) -> list[dict]:
     """Hiding bits of the refresh masks vs the logit error they cost (same sentences, same keys)."""
@@ -236,21 +331,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['download_bytes'] / 1e6:>8.2f} {row['max_abs_logit_err']:>11.2e}")
 
     x32 = embedder.embed_ids(token_ids(embedder, 32))
-    parallel = None
-    if args.workers > 1 and 32 in args.tokens:
-        # The same 32-token query with the engine in one process: what the assistant process gains.
+    model_hash, params, limits = engine.model_hash, engine.plan.params.to_dict(), engine.mask_limits
+    galois_steps = engine.plan.galois_steps
+    if args.workers == 1:
+        single = engine
+    else:
+        engine.close()
+        del engine  # one engine's plaintexts at a time
         single = EncryptedEngine.load(args.model, os.urandom(32), workers=1)
-        single_ctx = single.load_context(public)
-        runs1 = [encrypted_run(single, keys, single_ctx, x32, f"single-{i}") for i in range(args.reps)]
-        p50_two = next(r["e2e_p50_s"] for r in results if r["tokens"] == 32)
-        p50_one = statistics.median(r["e2e"] for r in runs1)
+    single_ctx = single.load_context(public)
+    rotation_before = rotation_seconds(single, keys, single_ctx)
+    for row in results:
+        n = row["tokens"]
+        reps = args.reps if n <= 64 else min(args.reps, 2)
+        row.update(one_process_row(single, keys, single_ctx, embedder.embed_ids(token_ids(embedder, n)), reps))
+        row["critical_rotations_plus_encodes"] = row["ops"]["rotations"] + row["ops"]["encodes"]
+    # one rotation, timed before and after the rows (the machine's load drifts): the median of both
+    rotation_s = statistics.median([rotation_before, rotation_seconds(single, keys, single_ctx)])
+    print(f"one Galois rotation (top level): {rotation_s * 1e3:.2f} ms")
+    for row in results:
+        row["e2e_rotation_times"] = row["e2e_one_process_s"] / rotation_s
+        print(f"{row['tokens']:>6} tokens, one process: e2e {row['e2e_one_process_s']:.2f} s = "
+              f"{row['e2e_rotation_times']:.0f} rotation-times; ops {row['ops']}")
+    by_n = {r["tokens"]: r for r in results}
+    parallel = None
+    if args.workers > 1 and 32 in by_n:
+        p50_one, p50_two = by_n[32]["e2e_one_process_s"], by_n[32]["e2e_p50_s"]
         parallel = {"tokens": 32, "workers_1_e2e_p50_s": p50_one, f"workers_{args.workers}_e2e_p50_s": p50_two,
                     "speedup": p50_one / p50_two}
         print(f"32 tokens, one process: e2e p50 {p50_one:.2f} s; with {args.workers}: {p50_two:.2f} s "
               f"({p50_one / p50_two:.2f}x)")
-        del single
-    engine_s = engine_projections(engine, keys, ctx, x32, reps=3)
-    naive = naive_baseline(engine, x32, args.naive_tokens)
+    batch = batch_compare(single, keys, single_ctx, embedder)
+    print(f"batch of {batch['sentences']} short sentences in {batch['inferences']} inferences: one by one "
+          f"{batch['one_by_one_s']:.1f} s, batch {batch['batch_s']:.1f} s ({batch['speedup']:.2f}x), "
+          f"max |logit diff| {batch['max_abs_logit_diff_vs_one_by_one']:.1e}, same labels {batch['same_labels']}")
+    engine_s = engine_projections(single, keys, single_ctx, x32, reps=3)
+    naive = naive_baseline(single, x32, args.naive_tokens)
     naive["engine_per_token_s"] = engine_s / 32
     naive["speedup"] = naive["naive_per_token_s"] / naive["engine_per_token_s"]
     naive["what"] = ("layer 0: Q, K, V, O and FFN1 matmuls, the GELU polynomial and the FFN2 matmul; naive: "
@@ -258,22 +374,33 @@ def main(argv: list[str] | None = None) -> int:
                      "projection from a fresh encryption; engine: the same projections on 32 packed tokens")
     print(f"naive TenSEAL {naive['naive_per_token_s'] * 1e3:.0f} ms/token vs engine "
           f"{naive['engine_per_token_s'] * 1e3:.1f} ms/token: {naive['speedup']:.0f}x")
-    engine.close()
+    floor_32 = multiply_plain_floor(single.plan, 32)
+    single.close()
     report = {
         "machine": machine_info(),
+        "load_average": list(os.getloadavg()),
         "engine_workers": args.workers,
         "model": str(args.model.name),
-        "model_hash": engine.model_hash,
-        "ckks": engine.plan.params.to_dict(),
-        "galois_steps": engine.plan.galois_steps,
+        "model_hash": model_hash,
+        "ckks": params,
+        "galois_steps": galois_steps,
         "eval_key_bytes": len(public),
         "engine_load_s": load_s,
-        "mask_bits": {k: round(v[1], 2) for k, v in engine.mask_limits.items()},
+        "mask_bits": {k: round(v[1], 2) for k, v in limits.items()},
         "results": results,
+        "rotation_s": rotation_s,
+        "multiply_plain_floor_32": floor_32,
+        "multiply_plain_32": by_n[32]["ops"]["multiply_plain"] if 32 in by_n else None,
+        "multiply_plain_floor_32_linear": multiply_plain_floor(single.plan, 32, corrections=False),
+        "length_ratio_128_32": (by_n[128]["e2e_one_process_s"] / by_n[32]["e2e_one_process_s"]
+                                if 128 in by_n and 32 in by_n else None),
+        "batch_speedup": batch["speedup"],
+        "batch": batch,
         "naive": naive,
         "parallel": parallel,
         "note": "e2e runs client and server in one process with no network; see bench/results/load.json "
-                "for the service over HTTP",
+                "for the service over HTTP. ops: critical path of one inference in one engine process "
+                "(opcount sections named 'precompute' excluded); load_average: os.getloadavg() at the end",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -235,6 +235,16 @@ def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes], *, num_l
     return np.array([v[0] for v in values])
 
 
+def decrypt_segment_logits(keys: ClientKeys, meta: dict, payloads: list[bytes], segments: int) -> np.ndarray:
+    """(segments, labels): packed sentences' logits, sentence s in slot s of each label's ciphertext."""
+    check_protocol(meta)
+    if meta.get("segments") is not None and len(meta["segments"]) != segments:
+        raise ProtocolViolation(f"the server pooled {len(meta['segments'])} sentences, this batch has {segments}")
+    values = keys.decrypt(payloads)
+    check_headroom(keys.params, values, "logits")
+    return np.array([v[:segments] for v in values]).T
+
+
 @dataclass
 class Embedder:
     """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
@@ -300,4 +310,5 @@ __all__ = [
     "check_round_meta",
     "check_headroom",
     "decrypt_logits",
+    "decrypt_segment_logits",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 from he_models.kernels import Backend, EncodedMap, MapLayout, encode_map, plan_map_fewest_rotations
 from he_models.layout import CHUNK, Geometry
 from he_models.masks import Masks
+from he_models.packing import attention_mask_factor
 from he_models.plan import BABY_STEPS, HEPlan
 
 CORRECTION_LEVEL = 2  # every correction map runs on level-2 inputs
@@ -69,12 +70,22 @@ CORRECTIONS: dict[str, CorrectionSpec] = {
 
 
 def correction_weights(
-    spec: CorrectionSpec, plan: HEPlan, masks: Masks, geo: Geometry, layer: int, inference: str, round_no: int
+    spec: CorrectionSpec,
+    plan: HEPlan,
+    masks: Masks,
+    geo: Geometry,
+    layer: int,
+    inference: str,
+    round_no: int,
+    segments: tuple[int, ...] = (),
 ) -> np.ndarray:
-    """The weight array of a correction: the round's mask of spec.mask, unpacked and scaled."""
+    """The weight array of a correction: the round's mask of spec.mask, unpacked and scaled (packed
+    sentences: the attention mask is narrower between sentences, packing.attention_mask_factor)."""
     name = f"{layer}.{spec.mask}"
     if spec.mask == "a":
         mask = geo.unpack_sl(masks.draw(inference, round_no, name, geo.sl_cts))
+        if segments:
+            mask = mask * attention_mask_factor(segments)[None]
     else:
         mask = geo.unpack_fm(masks.draw(inference, round_no, name, geo.fm_cts(geo.hidden)), geo.hidden)
     if spec.by_score_factor:
@@ -96,13 +107,19 @@ def _slots(geo: Geometry, grid: dict[str, np.ndarray], layout: tuple[str, ...]) 
     return geo.sl_slot(*(grid[axis] for axis in layout[1:]))
 
 
-def correction_triplets(spec: CorrectionSpec, geo: Geometry, weights: np.ndarray) -> Triplets:
-    """(output slot, input slot, weight) over the grid (heads, n, n, head_dim) for one spec."""
+def correction_triplets(
+    spec: CorrectionSpec, geo: Geometry, weights: np.ndarray, pair: np.ndarray | None = None
+) -> Triplets:
+    """(output slot, input slot, weight) over the grid (heads, n, n, head_dim) for one spec; `pair`, an
+    (n, n) [k, i] factor, scales every weight of score entry (k, i) (packed sentences: see packing)."""
     grid = _grid(geo)
     shape = (geo.heads, geo.n, geo.n, geo.head_dim)
     out = np.broadcast_to(_slots(geo, grid, spec.out), shape)
     inp = np.broadcast_to(_slots(geo, grid, spec.inp), shape)
-    return out, inp, np.broadcast_to(weights[tuple(grid[axis] for axis in spec.weight)], shape)
+    values = weights[tuple(grid[axis] for axis in spec.weight)]
+    if pair is not None:
+        values = values * pair[grid["k"], grid["i"]]
+    return out, inp, np.broadcast_to(values, shape)
 
 
 class CorrectionKernels:
@@ -134,9 +151,9 @@ class CorrectionKernels:
             self._layouts.popitem(last=False)
         return layout
 
-    def build(self, name: str, geo: Geometry, weights: np.ndarray) -> EncodedMap:
+    def build(self, name: str, geo: Geometry, weights: np.ndarray, pair: np.ndarray | None = None) -> EncodedMap:
         """The correction map `name` with these weights (a mask, scaled), encoded at level 2."""
-        out, inp, values = correction_triplets(CORRECTIONS[name], geo, weights)
+        out, inp, values = correction_triplets(CORRECTIONS[name], geo, weights, pair)
         s = self.plan.params.scale
         layout = self.layout(name, geo, out, inp)
         return encode_map(self.backend, layout.fill(values), CORRECTION_LEVEL, s, s)

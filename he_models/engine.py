@@ -157,10 +157,21 @@ class EncryptedEngine:
         except LayoutError as exc:
             raise EngineError(str(exc)) from None
 
-    def start(self, ctx: EvalContext, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput:
-        """Round 1 from the client's encrypted embeddings (fresh, feature-major, one per chunk)."""
+    def start(
+        self,
+        ctx: EvalContext,
+        inference_id: str,
+        n_tokens: int,
+        inputs: list[bytes],
+        segments: list[int] | None = None,
+    ) -> StepOutput:
+        """Round 1 from the client's encrypted embeddings (fresh, feature-major, one per chunk).
+
+        `segments`: several short sentences packed one after another in the n tokens (their lengths,
+        in order; he_models.packing). Attention stays inside each sentence and the logits message holds,
+        per label, sentence s's logit in slot s (he_models.client.decrypt_segment_logits)."""
         with self._lock:
-            return self.rounds.start(ctx, inference_id, n_tokens, inputs)
+            return self.rounds.start(ctx, inference_id, n_tokens, inputs, segments)
 
     def resume(
         self,

@@ -282,12 +282,24 @@ def subset_map(emap: EncodedMap, outputs: list[int] | None = None, inputs: list[
 
 
 def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float, out_scale: float) -> EncodedMap:
+    """Encode every diagonal once; diagonals with equal values share one plaintext.
+
+    Equal diagonals are common in the mask corrections of longer sentences (a weight that depends
+    on the query and the feature but not on the key repeats in every ciphertext of a head): at 128
+    tokens about a third of their diagonals are repeats, and an encoding costs several products.
+    """
     pt_scale = backend.last_prime(level) * out_scale / in_scale
     parms = backend.parms_id(level)
-    plaintexts = {
-        co: [(ci, g, b, encode_vector(backend.encoder, diag, parms, pt_scale)) for ci, g, b, diag in entries]
-        for co, entries in dmap.groups.items()
-    }
+    encoded: dict[bytes, seal.Plaintext] = {}
+
+    def encode(diag: np.ndarray) -> seal.Plaintext:
+        key = np.ascontiguousarray(diag, dtype=np.float64).tobytes()
+        pt = encoded.get(key)
+        if pt is None:
+            pt = encoded[key] = encode_vector(backend.encoder, diag, parms, pt_scale)
+        return pt
+
+    plaintexts = {co: [(ci, g, b, encode(diag)) for ci, g, b, diag in entries] for co, entries in dmap.groups.items()}
     return EncodedMap(dmap=dmap, level=level, in_scale=in_scale, out_scale=out_scale, plaintexts=plaintexts)
 
 

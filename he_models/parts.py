@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import tenseal.sealapi as seal
 
+from he_models import opcount
 from he_models.contracts import EvalContext
 from he_models.corrections import CORRECTIONS, CorrectionKernels, correction_weights
 from he_models.kernels import Backend, apply_map, subset_map
 from he_models.layout import Geometry
 from he_models.masks import Masks
+from he_models.packing import score_weights
 from he_models.plan import HEPlan
 from he_models.weights import WeightKernels
 
@@ -45,6 +47,7 @@ class RoundParts:
             return self.ffn(ctx, **kwargs)
         raise KeyError(f"no engine part named {name!r}")
 
+    @opcount.sectioned("qkv")
     def qkv(
         self, ctx: EvalContext, geo: Geometry, layer: int, raw: list[seal.Ciphertext], which: str
     ) -> list[seal.Ciphertext]:
@@ -67,12 +70,24 @@ class RoundParts:
         return result + self.weights.add_bias(self.weights.chunked(maps.x_res, raw, ctx.galois), L.in_shift, geo)
 
     def correction(
-        self, ctx: EvalContext, name: str, geo: Geometry, layer: int, inference: str, r: int, cts: list[seal.Ciphertext]
+        self,
+        ctx: EvalContext,
+        name: str,
+        geo: Geometry,
+        layer: int,
+        inference: str,
+        r: int,
+        cts: list[seal.Ciphertext],
+        segments: tuple[int, ...] = (),
     ) -> list[seal.Ciphertext]:
-        """Correction `name` (see he_models.corrections) with this round's masks, applied to `cts`."""
-        weights = correction_weights(CORRECTIONS[name], self.plan, self.masks, geo, layer, inference, r)
-        return apply_map(self.backend, self.corrections.build(name, geo, weights), cts, ctx.galois)
+        """Correction `name` (see he_models.corrections) with this round's masks, applied to `cts`;
+        with packed `segments`, the score corrections keep to each sentence's block."""
+        with opcount.section(name):
+            weights = correction_weights(CORRECTIONS[name], self.plan, self.masks, geo, layer, inference, r, segments)
+            pair = score_weights(segments) if segments and CORRECTIONS[name].by_score_factor else None
+            return apply_map(self.backend, self.corrections.build(name, geo, weights, pair), cts, ctx.galois)
 
+    @opcount.sectioned("ffn")
     def ffn(
         self, ctx: EvalContext, geo: Geometry, layer: int, h_raw: list[seal.Ciphertext], half: int | None
     ) -> list[seal.Ciphertext]:

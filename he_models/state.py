@@ -34,6 +34,7 @@ class RoundHeader:
     kind: str
     geometry: dict
     key: str  # fingerprint of the evaluation keys the inference started with
+    segments: tuple[int, ...] = ()  # packed sentences' lengths (he_models.packing); () for one sentence
 
 
 class StateSealer:
@@ -59,6 +60,8 @@ class StateSealer:
             "model": self._model_hash,
             "tensors": {name: len(cts) for name, cts in keep.items()},
         }
+        if header.segments:  # packed sentences only: a single sentence's state keeps its layout
+            fields["segments"] = list(header.segments)
         frames = [json.dumps(fields).encode()]
         for name in keep:
             frames.extend(save_bytes(ct) for ct in keep[name])
@@ -90,6 +93,7 @@ class StateSealer:
                 kind=fields["kind"],
                 geometry=fields["geometry"],
                 key=fields["key"],
+                segments=tuple(int(x) for x in fields.get("segments", ())),
             )
             return header, self._load_tensors(fields["tensors"], frames[1:])
         except (KeyError, TypeError, ValueError, IndexError, CKKSError):
