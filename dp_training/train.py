@@ -576,13 +576,15 @@ def apply_train_scope(twin: HEFriendlyBert, scope: str) -> None:
 
 
 def _step(module: nn.Module, optimizer, ids, mask, labels) -> float:
-    ids, mask = trim(ids, mask)
     optimizer.zero_grad(set_to_none=True)
-    logits = module(ids, mask).logits
-    if len(labels):
-        loss = F.cross_entropy(logits, labels)
-    else:  # an empty Poisson batch: still a step (noise only), no data term
-        loss = logits.sum() * 0.0
+    if not len(labels):  # an empty Poisson batch: still a step (noise only), no data term
+        for p in module.parameters():
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        optimizer.step()
+        return 0.0
+    ids, mask = trim(ids, mask)
+    loss = F.cross_entropy(module(ids, mask).logits, labels)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
