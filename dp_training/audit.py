@@ -57,14 +57,27 @@ class AuditSetup:
     natural: object  # Encoded: SMS training rows swapped in and out
 
 
-def make_canaries(m: int, tok, vocab_size: int, length: int, seed: int, num_labels: int = 2):
-    """m random-token records with random labels, as an Encoded batch padded to length + 2."""
+CANARY_KINDS = ("mislabelled", "repeated", "random")
+
+
+def make_canaries(m: int, tok, vocab_size: int, length: int, seed: int, num_labels: int = 2, kind: str = "repeated"):
+    """m synthetic records with random labels, as an Encoded batch of length + 2 tokens.
+
+    random: `length` random wordpieces. repeated: one random wordpiece (distinct per canary) repeated
+    `length` times. With frozen embeddings and mean pooling, random sequences all average to about the
+    same point, so nothing can tell them apart; a repeated token keeps its own embedding's direction, a
+    feature only that canary has (and a larger gradient than natural text): far easier to memorise.
+    """
     from dp_training.train import Encoded
 
     rng = np.random.default_rng(seed)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     first = 1996 if vocab_size > 4000 else 5  # skip [unusedN] and single characters of BERT's vocabulary
-    body = rng.integers(first, vocab_size, size=(m, length))
+    if kind == "random":
+        body = rng.integers(first, vocab_size, size=(m, length))
+    else:
+        body = np.repeat(rng.choice(np.arange(first, vocab_size), size=m, replace=m > vocab_size - first)[:, None],
+                         length, axis=1)
     ids = torch.tensor(np.c_[np.full(m, cls), body, np.full(m, sep)], dtype=torch.long)
     labels = torch.tensor(rng.integers(0, num_labels, size=m), dtype=torch.long)
     return Encoded(ids, torch.ones_like(ids), labels, 0)
@@ -90,7 +103,8 @@ def subset(e, idx) -> object:
     return Encoded(e.ids[idx], e.mask[idx], e.labels[idx], 0)
 
 
-def build_setup(cfg, canaries: int, canary_length: int, natural: int, seed: int, fixed: int | None = None) -> AuditSetup:
+def build_setup(cfg, canaries: int, canary_length: int, natural: int, seed: int, fixed: int | None = None,
+                kind: str = "random") -> AuditSetup:
     from dp_training.train import prepare
 
     prepared = prepare(cfg)
@@ -98,7 +112,15 @@ def build_setup(cfg, canaries: int, canary_length: int, natural: int, seed: int,
     train = enc["train"]
     perm = np.random.default_rng(seed).permutation(len(train))
     natural = min(natural, len(train) // 2)
-    can = make_canaries(canaries, tok, model.config.vocab_size, canary_length, seed + 1, model.config.num_labels)
+    if kind == "mislabelled":  # SMS training rows with the other label, taken out of the always-in rows
+        picked = perm[natural:natural + canaries]
+        perm = np.r_[perm[:natural], perm[natural + canaries:]]
+        can = subset(train, picked)
+        can.labels = (can.labels + 1) % model.config.num_labels
+        always = perm[natural:] if fixed is None else perm[natural:natural + fixed]
+        return AuditSetup(prepared, subset(train, always), can, subset(train, perm[:natural]))
+    can = make_canaries(canaries, tok, model.config.vocab_size, canary_length, seed + 1, model.config.num_labels,
+                        kind)
     always = perm[natural:] if fixed is None else perm[natural:natural + fixed]
     return AuditSetup(prepared, subset(train, always), can, subset(train, perm[:natural]))
 
@@ -158,9 +180,72 @@ def gradient_alignment(setup: AuditSetup, scope: str, trained: torch.nn.Module, 
     return torch.cat(out).numpy()
 
 
-def train_one(setup: AuditSetup, cfg, model_index: int, seed: int) -> dict:
+class GradientCanaries:
+    """White-box gradient canaries (Steinke et al. 2023, Section 7: "Dirac canaries" in gradient space).
+
+    Canary i is a record whose per-sample gradient is sign_i * magnitude * e_{coord_i}: one coordinate of
+    the trained parameters, distinct per canary. An included canary takes part in each step as a record
+    would: with probability `rate` (Poisson sampling) it is added to the step's summed gradient, after
+    clipping to the DP optimizer's bound C when DP is on (so under DP it is exactly a worst-case record of
+    norm C; without DP nothing clips its large gradient). Score: the parameter's movement against the
+    canary's gradient, -sign_i * (theta_T - theta_0)[coord_i].
+    """
+
+    def __init__(self, params: list[torch.Tensor], m: int, included: np.ndarray, rate: float, magnitude: float,
+                 seed: int) -> None:
+        rng = np.random.default_rng(seed)  # the canaries themselves: the same in every model (seeded)
+        sizes = np.array([p.numel() for p in params])
+        self.params, self.offsets = params, np.r_[0, np.cumsum(sizes)]
+        self.coords = rng.choice(self.offsets[-1], size=m, replace=False)
+        self.signs = rng.choice([-1.0, 1.0], size=m)
+        self.start = torch.cat([p.detach().flatten() for p in params]).clone()
+        self.included, self.rate, self.magnitude = included.astype(bool), rate, magnitude
+        self.draws = np.random.default_rng([seed, 31337, int(included.sum())])
+
+    def add(self, attribute: str, clip: float | None = None, scale: float = 1.0) -> None:
+        """Add this step's sampled canaries' gradients to p.<attribute> (summed_grad for DP, grad without)."""
+        picked = np.flatnonzero(self.included & (self.draws.random(len(self.included)) < self.rate))
+        value = self.magnitude if clip is None else min(self.magnitude, clip)
+        for i in picked:
+            k = int(np.searchsorted(self.offsets, self.coords[i], side="right") - 1)
+            target = getattr(self.params[k], attribute)
+            if target is not None:
+                target.view(-1)[int(self.coords[i] - self.offsets[k])] += self.signs[i] * value * scale
+
+    def scores(self) -> np.ndarray:
+        now = torch.cat([p.detach().flatten() for p in self.params])
+        return (-(now - self.start)[torch.as_tensor(self.coords)].numpy() * self.signs).astype(np.float64)
+
+
+def install_gradient_canaries(run, canaries: GradientCanaries) -> None:
+    """Hook the canaries into a TrainRun's optimizer: before the noise under DP, before the step without."""
+    if run.dp:
+        base = type(run.optimizer)
+
+        class WithCanaries(base):  # type: ignore[misc, valid-type]
+            def add_noise(self) -> None:
+                canaries.add("summed_grad", clip=self.max_grad_norm)
+                super().add_noise()
+
+        run.optimizer.__class__ = WithCanaries
+    else:
+        run.optimizer.register_step_pre_hook(lambda *_: canaries.add("grad", scale=1.0 / run.batch_size))
+
+
+def train_one(setup: AuditSetup, cfg, model_index: int, seed: int, gradient_canaries: int = 1000,
+              magnitude: float = 1000.0) -> dict:
     """Train model `model_index` of a setting; its per-record statistics (what the audit needs)."""
-    from dp_training.train import predict, train_model, utility
+    from dp_training.train import (
+        _check_config,
+        _quiet_warnings,
+        export_model,
+        predict,
+        resolve_delta,
+        setup_training,
+        spent_privacy,
+        train_epochs,
+        utility,
+    )
 
     model, _, _, enc, _ = setup.prepared
     inc = inclusion_row(setup, model_index, seed)
@@ -168,15 +253,24 @@ def train_one(setup: AuditSetup, cfg, model_index: int, seed: int) -> dict:
     train = concat([setup.fixed, subset(setup.canaries, np.flatnonzero(inc[:m])),
                     subset(setup.natural, np.flatnonzero(inc[m:]))])
     t0 = time.perf_counter()
-    final, run = train_model(replace(cfg, seed=seed + model_index), model, train)
+    cfg = replace(cfg, seed=seed + model_index)
+    _check_config(cfg)
+    _quiet_warnings()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    run = setup_training(cfg, model, train, resolve_delta(cfg, len(train)))
+    trained = [p for p in run.twin.parameters() if p.requires_grad]
+    g_inc = np.random.default_rng([seed, 4242, model_index]).random(gradient_canaries) < 0.5
+    gcan = GradientCanaries(trained, gradient_canaries, g_inc, run.sample_rate, magnitude, seed)
+    install_gradient_canaries(run, gcan)
+    train_epochs(cfg, run, None)
+    final = export_model(run, model, base_state)
     phi_c, loss_c = scores_on(final, setup.canaries)
     phi_n, _ = scores_on(final, setup.natural)
     test_logits, _ = predict(final, enc["test"])
-    from dp_training.train import spent_privacy
-
     steps, spent = spent_privacy(cfg, run)
     return {"inclusion": inc, "phi_canary": phi_c, "loss_canary": loss_c, "phi_natural": phi_n,
             "gradient_canary": gradient_alignment(setup, cfg.train_scope, run.twin),
+            "dirac_inclusion": g_inc, "dirac_score": gcan.scores(),
             "test_spam_f1": utility(test_logits, enc["test"].labels.numpy())["f1_label_1"],
             "epsilon_spent": np.nan if spent is None else spent, "noise_multiplier": run.noise_multiplier,
             "delta": run.delta, "steps": steps, "n_train": len(train), "seconds": time.perf_counter() - t0}
@@ -231,8 +325,14 @@ def audit_setting(setup: AuditSetup, eps: float | None, models: list[dict], seed
             s["lira"] = lira_online(phi_c, inclusion[:, :m], t)
         return s
 
-    one_run = one_run_bound(scores_for(0), inclusion[0, :m], delta)
-    per_target = [one_run_bound(scores_for(t), inclusion[t, :m], delta)["eps_lower_bound"] for t in range(len(models))]
+    # two audits on the same run (input canaries, gradient canaries): 95% overall, 97.5% each (Bonferroni)
+    def bounds(t: int) -> tuple[dict, dict]:
+        return (one_run_bound(scores_for(t), inclusion[t, :m], delta, alpha=0.025),
+                one_run_bound({"dirac": models[t]["dirac_score"]}, models[t]["dirac_inclusion"], delta, alpha=0.025))
+
+    input_run, dirac_run = bounds(0)
+    one_run = max(input_run, dirac_run, key=lambda r: r["eps_lower_bound"])
+    per_target = [max(b["eps_lower_bound"] for b in bounds(t)) for t in range(len(models))]
     lira_c = lira_evaluate(phi_c, inclusion[:, :m]) if len(models) > 2 else None
     phi_n = np.stack([r["phi_natural"] for r in models])
     lira_n = lira_evaluate(phi_n, inclusion[:, m:]) if len(models) > 2 and phi_n.shape[1] else None
@@ -243,7 +343,10 @@ def audit_setting(setup: AuditSetup, eps: float | None, models: list[dict], seed
         "lira_tpr_at_0_1pct_fpr": lira_c["at_0_1pct_fpr"]["tpr"] if lira_c else None,
         "lira_tpr_at_1pct_fpr": lira_c["at_1pct_fpr"]["tpr"] if lira_c else None,
         "auc": lira_c["auc"] if lira_c else None,
-        "one_run": one_run, "eps_lower_bound_every_target": per_target,
+        "eps_lower_bound_input_canaries": input_run["eps_lower_bound"],
+        "eps_lower_bound_gradient_canaries": dirac_run["eps_lower_bound"], "gradient_canaries": dirac_run["canaries"],
+        "one_run": {"input_canaries": input_run, "gradient_canaries": dirac_run},
+        "eps_lower_bound_every_target": per_target,
         "lira_canaries": lira_c, "lira_natural": lira_n, "models": len(models),
         "noise_multiplier": float(models[0]["noise_multiplier"]), "steps": int(models[0]["steps"]),
         "n_train": [int(r["n_train"]) for r in models],
@@ -328,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=16, help="models per setting (model 0 is the one-run target)")
     p.add_argument("--canaries", type=int, default=1000)
     p.add_argument("--canary-length", type=int, default=32)
+    p.add_argument("--canary-kind", choices=CANARY_KINDS, default="random")
     p.add_argument("--natural", type=int, default=1000, help="SMS training rows swapped in and out (LiRA)")
     p.add_argument("--fixed", type=int, default=None,
                    help="SMS training rows always included (default: every row not in the natural pool)")
@@ -353,10 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     common = FinetuneConfig(data=args.data or str(sms_spam_path()), base=args.base, out="", epochs=args.epochs,
                             max_length=args.max_length, seed=args.seed, progress=False, threads=1,
                             **({"train_scope": args.train_scope} if args.train_scope else {}))
-    setup = build_setup(common, args.canaries, args.canary_length, args.natural, args.seed, args.fixed)
+    setup = build_setup(common, args.canaries, args.canary_length, args.natural, args.seed, args.fixed, args.canary_kind)
     settings = ([] if args.no_nodp else [None]) + sorted(args.epsilons, reverse=True)
     configs = {eps: setting_config(common, eps, args.nodp_lr) for eps in settings}
-    work = Path(args.work_dir) / (f"{common.train_scope}-e{args.epochs}-m{args.canaries}-n{args.natural}"
+    work = Path(args.work_dir) / (f"{common.train_scope}-{args.canary_kind}-e{args.epochs}-m{args.canaries}-n{args.natural}"
                                   f"-f{args.fixed}-s{args.seed}")
     load_start = os.getloadavg()
     t0 = time.perf_counter()
@@ -369,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": {"train_scope": common.train_scope, "epochs": args.epochs, "batch_size": common.batch_size,
                    "max_grad_norm": common.max_grad_norm, "lr_dp": common.lr, "lr_nodp": args.nodp_lr,
                    "accountant": common.accountant, "base": args.base},
-        "canaries": {"count": args.canaries, "kind": "random wordpieces, random label", "length": args.canary_length,
+        "canaries": {"count": args.canaries, "kind": args.canary_kind + " wordpieces, random label", "length": args.canary_length,
                      "inclusion_probability": 0.5},
         "natural_pool": len(setup.natural), "always_in": len(setup.fixed), "models_per_setting": args.models,
         "lira_variant": "online, global variances, every model the target once with the others as shadows",
