@@ -55,6 +55,8 @@ class AuditSetup:
     fixed: object  # Encoded: SMS training rows always included
     canaries: object  # Encoded
     natural: object  # Encoded: SMS training rows swapped in and out
+    gradient_canaries: int = 1000  # white-box canaries (GradientCanaries)
+    gradient_magnitude: float = 1000.0  # their gradient norm before clipping
 
 
 CANARY_KINDS = ("mislabelled", "repeated", "random")
@@ -232,8 +234,7 @@ def install_gradient_canaries(run, canaries: GradientCanaries) -> None:
         run.optimizer.register_step_pre_hook(lambda *_: canaries.add("grad", scale=1.0 / run.batch_size))
 
 
-def train_one(setup: AuditSetup, cfg, model_index: int, seed: int, gradient_canaries: int = 1000,
-              magnitude: float = 1000.0) -> dict:
+def train_one(setup: AuditSetup, cfg, model_index: int, seed: int) -> dict:
     """Train model `model_index` of a setting; its per-record statistics (what the audit needs)."""
     from dp_training.train import (
         _check_config,
@@ -259,8 +260,8 @@ def train_one(setup: AuditSetup, cfg, model_index: int, seed: int, gradient_cana
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     run = setup_training(cfg, model, train, resolve_delta(cfg, len(train)))
     trained = [p for p in run.twin.parameters() if p.requires_grad]
-    g_inc = np.random.default_rng([seed, 4242, model_index]).random(gradient_canaries) < 0.5
-    gcan = GradientCanaries(trained, gradient_canaries, g_inc, run.sample_rate, magnitude, seed)
+    g_inc = np.random.default_rng([seed, 4242, model_index]).random(setup.gradient_canaries) < 0.5
+    gcan = GradientCanaries(trained, setup.gradient_canaries, g_inc, run.sample_rate, setup.gradient_magnitude, seed)
     install_gradient_canaries(run, gcan)
     train_epochs(cfg, run, None)
     final = export_model(run, model, base_state)
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nodp", action="store_true", help="skip the non-DP setting")
     p.add_argument("--models", type=int, default=16, help="models per setting (model 0 is the one-run target)")
     p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument("--gradient-canaries", type=int, default=1000, help="white-box (Dirac) gradient canaries")
+    p.add_argument("--gradient-magnitude", type=float, default=1000.0,
+                   help="their gradient norm before clipping (DP clips it to --max-grad-norm)")
     p.add_argument("--canary-length", type=int, default=32)
     p.add_argument("--canary-kind", choices=CANARY_KINDS, default="random")
     p.add_argument("--natural", type=int, default=1000, help="SMS training rows swapped in and out (LiRA)")
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_length=args.max_length, seed=args.seed, progress=False, threads=1,
                             **({"train_scope": args.train_scope} if args.train_scope else {}))
     setup = build_setup(common, args.canaries, args.canary_length, args.natural, args.seed, args.fixed, args.canary_kind)
+    setup.gradient_canaries, setup.gradient_magnitude = args.gradient_canaries, args.gradient_magnitude
     settings = ([] if args.no_nodp else [None]) + sorted(args.epsilons, reverse=True)
     configs = {eps: setting_config(common, eps, args.nodp_lr) for eps in settings}
     work = Path(args.work_dir) / (f"{common.train_scope}-{args.canary_kind}-e{args.epochs}-m{args.canaries}-n{args.natural}"
@@ -473,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": {"train_scope": common.train_scope, "epochs": args.epochs, "batch_size": common.batch_size,
                    "max_grad_norm": common.max_grad_norm, "lr_dp": common.lr, "lr_nodp": args.nodp_lr,
                    "accountant": common.accountant, "base": args.base},
+        "gradient_canaries": {"count": args.gradient_canaries, "magnitude": args.gradient_magnitude,
+                              "kind": "Dirac: one trained coordinate each, random sign, sampled like a record, "
+                                      "clipped to C under DP"},
         "canaries": {"count": args.canaries, "kind": args.canary_kind + " wordpieces, random label", "length": args.canary_length,
                      "inclusion_probability": 0.5},
         "natural_pool": len(setup.natural), "always_in": len(setup.fixed), "models_per_setting": args.models,
