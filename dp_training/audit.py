@@ -423,6 +423,29 @@ def plot(runs: list[dict], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
+def _tpr_cell(lira: dict | None, key: str) -> str:
+    if not lira:
+        return "-"
+    t = lira[key]
+    return f"{100 * t['tpr']:.2f}% [{100 * t['tpr_ci95'][0]:.2f}, {100 * t['tpr_ci95'][1]:.2f}]"
+
+
+def markdown_table(result: dict) -> str:
+    """Theoretical and empirical epsilon side by side, with LiRA: the table of docs/dp.md and the README."""
+    lines = ["| epsilon (theory) | empirical lower bound, 95% (gradient / input canaries) | LiRA TPR @ 0.1% FPR "
+             "[95% CI] | LiRA TPR @ 1% FPR [95% CI] | LiRA AUC (canaries / SMS rows) | spam F1 |",
+             "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        eps = "no DP (inf)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        natural = (r.get("lira_natural") or {}).get("auc")
+        lines.append(
+            f"| {eps} | **{r['eps_lower_bound']:.2f}** ({r['eps_lower_bound_gradient_canaries']:.2f} / "
+            f"{r['eps_lower_bound_input_canaries']:.2f}) | {_tpr_cell(r['lira_canaries'], 'at_0_1pct_fpr')} | "
+            f"{_tpr_cell(r['lira_canaries'], 'at_1pct_fpr')} | {r['auc']:.3f} / "
+            f"{'-' if natural is None else f'{natural:.3f}'} | {r['test_spam_f1_mean']:.3f} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dp_training.audit", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="models/he-bert-tiny-rt")
@@ -448,11 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/dp_audit")
     p.add_argument("--results", default=DEFAULT_RESULTS)
     p.add_argument("--plot", default=DEFAULT_PLOT)
+    p.add_argument("--table", action="store_true", help="print the markdown table of --results and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.results).read_text())))
+        return 0
     from cipherbert.data import sms_spam_path
     from dp_training.sweep import machine_info
     from dp_training.train import FinetuneConfig
