@@ -78,8 +78,9 @@ def make_canaries(m: int, tok, vocab_size: int, length: int, seed: int, num_labe
     if kind == "random":
         body = rng.integers(first, vocab_size, size=(m, length))
     else:
-        body = np.repeat(rng.choice(np.arange(first, vocab_size), size=m, replace=m > vocab_size - first)[:, None],
-                         length, axis=1)
+        body = np.repeat(
+            rng.choice(np.arange(first, vocab_size), size=m, replace=m > vocab_size - first)[:, None], length, axis=1
+        )
     ids = torch.tensor(np.c_[np.full(m, cls), body, np.full(m, sep)], dtype=torch.long)
     labels = torch.tensor(rng.integers(0, num_labels, size=m), dtype=torch.long)
     return Encoded(ids, torch.ones_like(ids), labels, 0)
@@ -94,8 +95,12 @@ def concat(parts: list) -> object:
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    return Encoded(torch.cat([pad(p.ids, 0) for p in parts]), torch.cat([pad(p.mask, 0) for p in parts]),
-                   torch.cat([p.labels for p in parts]), 0)
+    return Encoded(
+        torch.cat([pad(p.ids, 0) for p in parts]),
+        torch.cat([pad(p.mask, 0) for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        0,
+    )
 
 
 def subset(e, idx) -> object:
@@ -105,8 +110,9 @@ def subset(e, idx) -> object:
     return Encoded(e.ids[idx], e.mask[idx], e.labels[idx], 0)
 
 
-def build_setup(cfg, canaries: int, canary_length: int, natural: int, seed: int, fixed: int | None = None,
-                kind: str = "random") -> AuditSetup:
+def build_setup(
+    cfg, canaries: int, canary_length: int, natural: int, seed: int, fixed: int | None = None, kind: str = "random"
+) -> AuditSetup:
     from dp_training.train import prepare
 
     prepared = prepare(cfg)
@@ -115,15 +121,14 @@ def build_setup(cfg, canaries: int, canary_length: int, natural: int, seed: int,
     perm = np.random.default_rng(seed).permutation(len(train))
     natural = min(natural, len(train) // 2)
     if kind == "mislabelled":  # SMS training rows with the other label, taken out of the always-in rows
-        picked = perm[natural:natural + canaries]
-        perm = np.r_[perm[:natural], perm[natural + canaries:]]
+        picked = perm[natural : natural + canaries]
+        perm = np.r_[perm[:natural], perm[natural + canaries :]]
         can = subset(train, picked)
         can.labels = (can.labels + 1) % model.config.num_labels
-        always = perm[natural:] if fixed is None else perm[natural:natural + fixed]
+        always = perm[natural:] if fixed is None else perm[natural : natural + fixed]
         return AuditSetup(prepared, subset(train, always), can, subset(train, perm[:natural]))
-    can = make_canaries(canaries, tok, model.config.vocab_size, canary_length, seed + 1, model.config.num_labels,
-                        kind)
-    always = perm[natural:] if fixed is None else perm[natural:natural + fixed]
+    can = make_canaries(canaries, tok, model.config.vocab_size, canary_length, seed + 1, model.config.num_labels, kind)
+    always = perm[natural:] if fixed is None else perm[natural : natural + fixed]
     return AuditSetup(prepared, subset(train, always), can, subset(train, perm[:natural]))
 
 
@@ -193,8 +198,9 @@ class GradientCanaries:
     canary's gradient, -sign_i * (theta_T - theta_0)[coord_i].
     """
 
-    def __init__(self, params: list[torch.Tensor], m: int, included: np.ndarray, rate: float, magnitude: float,
-                 seed: int) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], m: int, included: np.ndarray, rate: float, magnitude: float, seed: int
+    ) -> None:
         rng = np.random.default_rng(seed)  # the canaries themselves: the same in every model (seeded)
         sizes = np.array([p.numel() for p in params])
         self.params, self.offsets = params, np.r_[0, np.cumsum(sizes)]
@@ -251,8 +257,9 @@ def train_one(setup: AuditSetup, cfg, model_index: int, seed: int) -> dict:
     model, _, _, enc, _ = setup.prepared
     inc = inclusion_row(setup, model_index, seed)
     m = len(setup.canaries)
-    train = concat([setup.fixed, subset(setup.canaries, np.flatnonzero(inc[:m])),
-                    subset(setup.natural, np.flatnonzero(inc[m:]))])
+    train = concat(
+        [setup.fixed, subset(setup.canaries, np.flatnonzero(inc[:m])), subset(setup.natural, np.flatnonzero(inc[m:]))]
+    )
     t0 = time.perf_counter()
     cfg = replace(cfg, seed=seed + model_index)
     _check_config(cfg)
@@ -269,12 +276,22 @@ def train_one(setup: AuditSetup, cfg, model_index: int, seed: int) -> dict:
     phi_n, _ = scores_on(final, setup.natural)
     test_logits, _ = predict(final, enc["test"])
     steps, spent = spent_privacy(cfg, run)
-    return {"inclusion": inc, "phi_canary": phi_c, "loss_canary": loss_c, "phi_natural": phi_n,
-            "gradient_canary": gradient_alignment(setup, cfg.train_scope, run.twin),
-            "dirac_inclusion": g_inc, "dirac_score": gcan.scores(),
-            "test_spam_f1": utility(test_logits, enc["test"].labels.numpy())["f1_label_1"],
-            "epsilon_spent": np.nan if spent is None else spent, "noise_multiplier": run.noise_multiplier,
-            "delta": run.delta, "steps": steps, "n_train": len(train), "seconds": time.perf_counter() - t0}
+    return {
+        "inclusion": inc,
+        "phi_canary": phi_c,
+        "loss_canary": loss_c,
+        "phi_natural": phi_n,
+        "gradient_canary": gradient_alignment(setup, cfg.train_scope, run.twin),
+        "dirac_inclusion": g_inc,
+        "dirac_score": gcan.scores(),
+        "test_spam_f1": utility(test_logits, enc["test"].labels.numpy())["f1_label_1"],
+        "epsilon_spent": np.nan if spent is None else spent,
+        "noise_multiplier": run.noise_multiplier,
+        "delta": run.delta,
+        "steps": steps,
+        "n_train": len(train),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def setting_name(eps: float | None) -> str:
@@ -295,8 +312,11 @@ def cached_model(setup: AuditSetup, cfg, eps: float | None, k: int, seed: int, w
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **result)
     tmp.replace(path)
-    print(f"[audit] {setting_name(eps)} model {k}: {result['seconds']:.0f}s, test spam F1 "
-          f"{result['test_spam_f1']:.3f}", file=sys.stderr, flush=True)
+    print(
+        f"[audit] {setting_name(eps)} model {k}: {result['seconds']:.0f}s, test spam F1 {result['test_spam_f1']:.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
@@ -320,16 +340,20 @@ def audit_setting(setup: AuditSetup, eps: float | None, models: list[dict], seed
     delta = float(models[0]["delta"])
 
     def scores_for(t: int) -> dict[str, np.ndarray]:
-        s = {"loss": standardised_by_label(-models[t]["loss_canary"], labels),
-             "gradient": standardised_by_label(models[t]["gradient_canary"], labels)}
+        s = {
+            "loss": standardised_by_label(-models[t]["loss_canary"], labels),
+            "gradient": standardised_by_label(models[t]["gradient_canary"], labels),
+        }
         if len(models) > 2:
             s["lira"] = lira_online(phi_c, inclusion[:, :m], t)
         return s
 
     # two audits on the same run (input canaries, gradient canaries): 95% overall, 97.5% each (Bonferroni)
     def bounds(t: int) -> tuple[dict, dict]:
-        return (one_run_bound(scores_for(t), inclusion[t, :m], delta, alpha=0.025),
-                one_run_bound({"dirac": models[t]["dirac_score"]}, models[t]["dirac_inclusion"], delta, alpha=0.025))
+        return (
+            one_run_bound(scores_for(t), inclusion[t, :m], delta, alpha=0.025),
+            one_run_bound({"dirac": models[t]["dirac_score"]}, models[t]["dirac_inclusion"], delta, alpha=0.025),
+        )
 
     input_run, dirac_run = bounds(0)
     one_run = max(input_run, dirac_run, key=lambda r: r["eps_lower_bound"])
@@ -339,22 +363,30 @@ def audit_setting(setup: AuditSetup, eps: float | None, models: list[dict], seed
     lira_n = lira_evaluate(phi_n, inclusion[:, m:]) if len(models) > 2 and phi_n.shape[1] else None
     spent = [float(r["epsilon_spent"]) for r in models]
     return {
-        "epsilon": eps, "epsilon_spent_max": None if eps is None else max(spent), "delta": delta,
-        "eps_lower_bound": one_run["eps_lower_bound"], "canaries": m,
+        "epsilon": eps,
+        "epsilon_spent_max": None if eps is None else max(spent),
+        "delta": delta,
+        "eps_lower_bound": one_run["eps_lower_bound"],
+        "canaries": m,
         "lira_tpr_at_0_1pct_fpr": lira_c["at_0_1pct_fpr"]["tpr"] if lira_c else None,
         "lira_tpr_at_1pct_fpr": lira_c["at_1pct_fpr"]["tpr"] if lira_c else None,
         "auc": lira_c["auc"] if lira_c else None,
         "eps_lower_bound_input_canaries": input_run["eps_lower_bound"],
-        "eps_lower_bound_gradient_canaries": dirac_run["eps_lower_bound"], "gradient_canaries": dirac_run["canaries"],
+        "eps_lower_bound_gradient_canaries": dirac_run["eps_lower_bound"],
+        "gradient_canaries": dirac_run["canaries"],
         "one_run": {"input_canaries": input_run, "gradient_canaries": dirac_run},
         "eps_lower_bound_every_target": per_target,
-        "lira_canaries": lira_c, "lira_natural": lira_n, "models": len(models),
-        "noise_multiplier": float(models[0]["noise_multiplier"]), "steps": int(models[0]["steps"]),
+        "lira_canaries": lira_c,
+        "lira_natural": lira_n,
+        "models": len(models),
+        "noise_multiplier": float(models[0]["noise_multiplier"]),
+        "steps": int(models[0]["steps"]),
         "n_train": [int(r["n_train"]) for r in models],
         "test_spam_f1_mean": float(np.mean([r["test_spam_f1"] for r in models])),
         "train_seconds_mean": float(np.mean([r["seconds"] for r in models])),
-        "bound_within_epsilon": None if eps is None else bool(one_run["eps_lower_bound"] <= eps
-                                                               and max(per_target) <= eps),
+        "bound_within_epsilon": None
+        if eps is None
+        else bool(one_run["eps_lower_bound"] <= eps and max(per_target) <= eps),
     }
 
 
@@ -432,9 +464,11 @@ def _tpr_cell(lira: dict | None, key: str) -> str:
 
 def markdown_table(result: dict) -> str:
     """Theoretical and empirical epsilon side by side, with LiRA: the table of docs/dp.md and the README."""
-    lines = ["| epsilon (theory) | empirical lower bound, 95% (gradient / input canaries) | LiRA TPR @ 0.1% FPR "
-             "[95% CI] | LiRA TPR @ 1% FPR [95% CI] | LiRA AUC (canaries / SMS rows) | spam F1 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| epsilon (theory) | empirical lower bound, 95% (gradient / input canaries) | LiRA TPR @ 0.1% FPR "
+        "[95% CI] | LiRA TPR @ 1% FPR [95% CI] | LiRA AUC (canaries / SMS rows) | spam F1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         eps = "no DP (inf)" if r["epsilon"] is None else f"{r['epsilon']:g}"
         natural = (r.get("lira_natural") or {}).get("auc")
@@ -442,7 +476,8 @@ def markdown_table(result: dict) -> str:
             f"| {eps} | **{r['eps_lower_bound']:.2f}** ({r['eps_lower_bound_gradient_canaries']:.2f} / "
             f"{r['eps_lower_bound_input_canaries']:.2f}) | {_tpr_cell(r['lira_canaries'], 'at_0_1pct_fpr')} | "
             f"{_tpr_cell(r['lira_canaries'], 'at_1pct_fpr')} | {r['auc']:.3f} / "
-            f"{'-' if natural is None else f'{natural:.3f}'} | {r['test_spam_f1_mean']:.3f} |")
+            f"{'-' if natural is None else f'{natural:.3f}'} | {r['test_spam_f1_mean']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -455,13 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=16, help="models per setting (model 0 is the one-run target)")
     p.add_argument("--canaries", type=int, default=1000)
     p.add_argument("--gradient-canaries", type=int, default=1000, help="white-box (Dirac) gradient canaries")
-    p.add_argument("--gradient-magnitude", type=float, default=1000.0,
-                   help="their gradient norm before clipping (DP clips it to --max-grad-norm)")
+    p.add_argument(
+        "--gradient-magnitude",
+        type=float,
+        default=1000.0,
+        help="their gradient norm before clipping (DP clips it to --max-grad-norm)",
+    )
     p.add_argument("--canary-length", type=int, default=32)
     p.add_argument("--canary-kind", choices=CANARY_KINDS, default="random")
     p.add_argument("--natural", type=int, default=1000, help="SMS training rows swapped in and out (LiRA)")
-    p.add_argument("--fixed", type=int, default=None,
-                   help="SMS training rows always included (default: every row not in the natural pool)")
+    p.add_argument(
+        "--fixed",
+        type=int,
+        default=None,
+        help="SMS training rows always included (default: every row not in the natural pool)",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-scope", default=None, help="default: dp_training's default scope")
     p.add_argument("--nodp-lr", type=float, default=NODP_LR)
@@ -485,41 +528,81 @@ def main(argv: list[str] | None = None) -> int:
     from dp_training.train import FinetuneConfig
 
     torch.set_num_threads(1)
-    common = FinetuneConfig(data=args.data or str(sms_spam_path()), base=args.base, out="", epochs=args.epochs,
-                            max_length=args.max_length, seed=args.seed, progress=False, threads=1,
-                            **({"train_scope": args.train_scope} if args.train_scope else {}))
-    setup = build_setup(common, args.canaries, args.canary_length, args.natural, args.seed, args.fixed, args.canary_kind)
+    common = FinetuneConfig(
+        data=args.data or str(sms_spam_path()),
+        base=args.base,
+        out="",
+        epochs=args.epochs,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=False,
+        threads=1,
+        **({"train_scope": args.train_scope} if args.train_scope else {}),
+    )
+    setup = build_setup(
+        common, args.canaries, args.canary_length, args.natural, args.seed, args.fixed, args.canary_kind
+    )
     setup.gradient_canaries, setup.gradient_magnitude = args.gradient_canaries, args.gradient_magnitude
     settings = ([] if args.no_nodp else [None]) + sorted(args.epsilons, reverse=True)
     configs = {eps: setting_config(common, eps, args.nodp_lr) for eps in settings}
-    work = Path(args.work_dir) / (f"{common.train_scope}-{args.canary_kind}-e{args.epochs}-m{args.canaries}-n{args.natural}"
-                                  f"-f{args.fixed}-s{args.seed}")
+    work = Path(args.work_dir) / (
+        f"{common.train_scope}-{args.canary_kind}-e{args.epochs}-m{args.canaries}-n{args.natural}"
+        f"-f{args.fixed}-s{args.seed}"
+    )
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     train_all(setup, configs, args.models, args.seed, work, args.jobs)
-    runs = [audit_setting(setup, eps, [cached_model(setup, configs[eps], eps, k, args.seed, work)
-                                       for k in range(args.models)], args.seed) for eps in settings]
+    runs = [
+        audit_setting(
+            setup,
+            eps,
+            [cached_model(setup, configs[eps], eps, k, args.seed, work) for k in range(args.models)],
+            args.seed,
+        )
+        for eps in settings
+    ]
     result = {
-        "runs": runs, "delta": runs[0]["delta"],
+        "runs": runs,
+        "delta": runs[0]["delta"],
         "what": __doc__.split("\n\n")[0],
-        "recipe": {"train_scope": common.train_scope, "epochs": args.epochs, "batch_size": common.batch_size,
-                   "max_grad_norm": common.max_grad_norm, "lr_dp": common.lr, "lr_nodp": args.nodp_lr,
-                   "accountant": common.accountant, "base": args.base},
-        "gradient_canaries": {"count": args.gradient_canaries, "magnitude": args.gradient_magnitude,
-                              "kind": "Dirac: one trained coordinate each, random sign, sampled like a record, "
-                                      "clipped to C under DP"},
-        "canaries": {"count": args.canaries, "kind": args.canary_kind + " wordpieces, random label", "length": args.canary_length,
-                     "inclusion_probability": 0.5},
-        "natural_pool": len(setup.natural), "always_in": len(setup.fixed), "models_per_setting": args.models,
+        "recipe": {
+            "train_scope": common.train_scope,
+            "epochs": args.epochs,
+            "batch_size": common.batch_size,
+            "max_grad_norm": common.max_grad_norm,
+            "lr_dp": common.lr,
+            "lr_nodp": args.nodp_lr,
+            "accountant": common.accountant,
+            "base": args.base,
+        },
+        "gradient_canaries": {
+            "count": args.gradient_canaries,
+            "magnitude": args.gradient_magnitude,
+            "kind": "Dirac: one trained coordinate each, random sign, sampled like a record, clipped to C under DP",
+        },
+        "canaries": {
+            "count": args.canaries,
+            "kind": args.canary_kind + " wordpieces, random label",
+            "length": args.canary_length,
+            "inclusion_probability": 0.5,
+        },
+        "natural_pool": len(setup.natural),
+        "always_in": len(setup.fixed),
+        "models_per_setting": args.models,
         "lira_variant": "online, global variances, every model the target once with the others as shadows",
-        "machine": machine_info(1, load_start), "wall_seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine_info(1, load_start),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2, default=float) + "\n")
     if args.plot:
-        plot(runs, args.plot, f"privacy audit of DP fine-tuning on SMS spam ({common.train_scope}, "
-                              f"{args.canaries} canaries, {args.models} models per setting, delta={result['delta']:g})")
+        plot(
+            runs,
+            args.plot,
+            f"privacy audit of DP fine-tuning on SMS spam ({common.train_scope}, "
+            f"{args.canaries} canaries, {args.models} models per setting, delta={result['delta']:g})",
+        )
     print(json.dumps([{k: r[k] for k in ("epsilon", "eps_lower_bound", "lira_tpr_at_1pct_fpr", "auc")} for r in runs]))
     return 0
 

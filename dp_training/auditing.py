@@ -68,12 +68,17 @@ def eps_lower_bound(m: int, r: int, v: int, delta: float, alpha: float = 0.05) -
 def guess_counts(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: int) -> tuple[int, int]:
     """(guesses r, correct v): the k_in highest scores guessed in, the k_out lowest guessed out."""
     order = np.argsort(-scores, kind="stable")
-    top, bottom = order[:k_in], order[len(order) - k_out:] if k_out else order[:0]
+    top, bottom = order[:k_in], order[len(order) - k_out :] if k_out else order[:0]
     return k_in + k_out, int(included[top].sum() + (~included[bottom]).sum())
 
 
-def one_run_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: float, alpha: float = 0.05,
-                  fractions: tuple[float, ...] = GUESS_FRACTIONS) -> dict:
+def one_run_bound(
+    scores: dict[str, np.ndarray],
+    included: np.ndarray,
+    delta: float,
+    alpha: float = 0.05,
+    fractions: tuple[float, ...] = GUESS_FRACTIONS,
+) -> dict:
     """The one-run audit's lower bound, best over a pre-declared family of (score, guess count) choices.
 
     Each choice is a test at level alpha / (number of choices) (Bonferroni), so the reported maximum is a
@@ -88,12 +93,21 @@ def one_run_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: fl
         for f in fractions:
             r = max(2, int(round(f * m)))
             r_, v = guess_counts(np.asarray(s, dtype=np.float64), included, r // 2, r - r // 2)
-            tried.append({"score": name, "guesses": r_, "correct": v,
-                          "eps_lower_bound": eps_lower_bound(m, r_, v, delta, level)})
+            tried.append(
+                {"score": name, "guesses": r_, "correct": v, "eps_lower_bound": eps_lower_bound(m, r_, v, delta, level)}
+            )
     best = max(tried, key=lambda t: t["eps_lower_bound"])
-    return {"eps_lower_bound": best["eps_lower_bound"], "best": best, "tried": tried, "canaries": m,
-            "included": int(included.sum()), "delta": delta, "confidence": 1 - alpha,
-            "bonferroni_family": family, "max_possible": eps_lower_bound(m, m, m, delta, level)}
+    return {
+        "eps_lower_bound": best["eps_lower_bound"],
+        "best": best,
+        "tried": tried,
+        "canaries": m,
+        "included": int(included.sum()),
+        "delta": delta,
+        "confidence": 1 - alpha,
+        "bonferroni_family": family,
+        "max_possible": eps_lower_bound(m, m, m, delta, level),
+    }
 
 
 # --- LiRA (Carlini et al., "Membership Inference Attacks From First Principles", S&P 2022) ---
@@ -152,9 +166,16 @@ def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> dict:
     threshold = neg[allowed] if allowed < len(neg) else -np.inf  # strictly above this score -> "member"
     tp, fp = int((scores[members] > threshold).sum()), int((neg > threshold).sum())
     n_pos, n_neg = int(members.sum()), len(neg)
-    return {"tpr": tp / max(n_pos, 1), "tpr_ci95": clopper_pearson(tp, n_pos), "fpr": fp / max(n_neg, 1),
-            "fpr_ci95": clopper_pearson(fp, n_neg), "true_positives": tp, "members": n_pos,
-            "false_positives": fp, "non_members": n_neg}
+    return {
+        "tpr": tp / max(n_pos, 1),
+        "tpr_ci95": clopper_pearson(tp, n_pos),
+        "fpr": fp / max(n_neg, 1),
+        "fpr_ci95": clopper_pearson(fp, n_neg),
+        "true_positives": tp,
+        "members": n_pos,
+        "false_positives": fp,
+        "non_members": n_neg,
+    }
 
 
 def lira_evaluate(phi: np.ndarray, inclusion: np.ndarray) -> dict:
@@ -165,7 +186,12 @@ def lira_evaluate(phi: np.ndarray, inclusion: np.ndarray) -> dict:
     members = inclusion.astype(bool).reshape(-1)
     fpr, tpr, _ = roc_curve(members, scores)
     grid = np.logspace(-4, 0, 49)
-    return {"auc": float(roc_auc_score(members, scores)),
-            "roc": {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).tolist()}, "at_0_1pct_fpr": tpr_at_fpr(scores, members, 0.001),
-            "at_1pct_fpr": tpr_at_fpr(scores, members, 0.01), "targets": len(phi), "shadows_per_target": len(phi) - 1,
-            "decisions": len(scores)}
+    return {
+        "auc": float(roc_auc_score(members, scores)),
+        "roc": {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).tolist()},
+        "at_0_1pct_fpr": tpr_at_fpr(scores, members, 0.001),
+        "at_1pct_fpr": tpr_at_fpr(scores, members, 0.01),
+        "targets": len(phi),
+        "shadows_per_target": len(phi) - 1,
+        "decisions": len(scores),
+    }

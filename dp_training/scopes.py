@@ -25,9 +25,14 @@ def run(overrides: dict, prepared, common) -> dict:
     final, trained = train_model(cfg, model, enc["train"], dev=enc["dev"])
     logits, _ = predict(final, enc["test"])
     u = utility(logits, enc["test"].labels.numpy())
-    return {"cfg": overrides, "test_f1": u["f1_label_1"], "acc": u["accuracy"],
-            "hist": [(h["train_loss"], h["dev"].get("f1_label_1")) for h in trained.history],
-            "sigma": trained.noise_multiplier, "sec": round(time.time() - t0)}
+    return {
+        "cfg": overrides,
+        "test_f1": u["f1_label_1"],
+        "acc": u["accuracy"],
+        "hist": [(h["train_loss"], h["dev"].get("f1_label_1")) for h in trained.history],
+        "sigma": trained.noise_multiplier,
+        "sec": round(time.time() - t0),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     results = None
     if "--results" in argv:
         i = argv.index("--results")
-        results, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+        results, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     torch.set_num_threads(1)
     common = FinetuneConfig(data=str(sms_spam_path()), base="models/he-bert-tiny-rt", out="", progress=False)
     prepared = prepare(common)

@@ -164,7 +164,7 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     loss = _step(gsm, opt, ids[:0], mask[:0], labels[:0])
     assert loss == 0.0
     # the step happened: every trained parameter moved by the noise alone
-    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 
 def test_frozen_norm_keeps_samples_independent():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("opacus")
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off",
-                                        "ignore:Optimal order is the largest alpha")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Full backward hook is firing", "ignore:Secure RNG turned off", "ignore:Optimal order is the largest alpha"
+)
 
 from dp_training.auditing import (  # noqa: E402
     clopper_pearson,
@@ -123,8 +124,16 @@ def tiny_setup(tmp_path_factory):
     rng = random.Random(0)
     rows = rng.sample([e for e in examples if e.label == 1], 30) + rng.sample([e for e in examples if e.label == 0], 90)
     root = tmp_path_factory.mktemp("audit")
-    base = make_random_base(root / "base", texts=[e.text for e in examples[:600]], vocab_size=300,
-                            hidden_size=16, num_heads=2, intermediate_size=32, max_position=48, num_layers=2)
+    base = make_random_base(
+        root / "base",
+        texts=[e.text for e in examples[:600]],
+        vocab_size=300,
+        hidden_size=16,
+        num_heads=2,
+        intermediate_size=32,
+        max_position=48,
+        num_layers=2,
+    )
     data = root / "sms.csv"
     import csv
 
@@ -140,10 +149,37 @@ def test_tiny_audit_bound_is_below_epsilon(tiny_setup):
 
     base, data, root = tiny_setup
     results = root / "dp_audit.json"
-    rc = main(["--base", str(base), "--data", str(data), "--epsilons", "1", "--no-nodp", "--models", "3",
-               "--canaries", "60", "--gradient-canaries", "60", "--canary-length", "8", "--natural", "20", "--epochs", "2",
-               "--max-length", "24", "--work-dir", str(root / "work"), "--results", str(results),
-               "--plot", str(root / "audit.png")])
+    rc = main(
+        [
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--epsilons",
+            "1",
+            "--no-nodp",
+            "--models",
+            "3",
+            "--canaries",
+            "60",
+            "--gradient-canaries",
+            "60",
+            "--canary-length",
+            "8",
+            "--natural",
+            "20",
+            "--epochs",
+            "2",
+            "--max-length",
+            "24",
+            "--work-dir",
+            str(root / "work"),
+            "--results",
+            str(results),
+            "--plot",
+            str(root / "audit.png"),
+        ]
+    )
     assert rc == 0
     out = json.loads(results.read_text())
     (run,) = out["runs"]
@@ -175,8 +211,25 @@ def test_audit_has_teeth_on_the_real_recipe(tmp_path):
     if not (base / "config.json").exists():
         pytest.skip("no distilled base model in models/")
     results = tmp_path / "dp_audit.json"
-    assert main(["--base", str(base), "--epsilons", "8", "--models", "4", "--work-dir", str(tmp_path / "work"),
-                 "--results", str(results), "--plot", ""]) == 0
+    assert (
+        main(
+            [
+                "--base",
+                str(base),
+                "--epsilons",
+                "8",
+                "--models",
+                "4",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--results",
+                str(results),
+                "--plot",
+                "",
+            ]
+        )
+        == 0
+    )
     runs = {r["epsilon"]: r for r in json.loads(results.read_text())["runs"]}
     assert runs[None]["eps_lower_bound"] >= 1.0
     assert runs[8.0]["eps_lower_bound"] <= 8.0 and runs[8.0]["bound_within_epsilon"]
