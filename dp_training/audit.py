@@ -531,13 +531,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def audit_result(args, common, setup: AuditSetup, runs: list[dict], load_start, t0: float) -> dict:
+    """dp_audit.json's content."""
+    from dp_training.sweep import machine_info
+
+    return {
+        "runs": runs,
+        "delta": runs[0]["delta"],
+        "what": __doc__.split("\n\n")[0],
+        "recipe": {
+            "train_scope": common.train_scope,
+            "epochs": args.epochs,
+            "batch_size": common.batch_size,
+            "max_grad_norm": common.max_grad_norm,
+            "lr_dp": common.lr,
+            "lr_nodp": args.nodp_lr,
+            "accountant": common.accountant,
+            "base": args.base,
+        },
+        "gradient_canaries": {
+            "count": args.gradient_canaries,
+            "magnitude": args.gradient_magnitude,
+            "kind": "Dirac: one trained coordinate each, random sign, sampled like a record, clipped to C under DP",
+        },
+        "canaries": {
+            "count": args.canaries,
+            "kind": args.canary_kind + " wordpieces, random label",
+            "length": args.canary_length,
+            "inclusion_probability": 0.5,
+        },
+        "natural_pool": len(setup.natural),
+        "always_in": len(setup.fixed),
+        "models_per_setting": args.models,
+        "lira_variant": "online, global variances, every model the target once with the others as shadows",
+        "machine": machine_info(1, load_start),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.results).read_text())))
         return 0
     from cipherbert.data import sms_spam_path
-    from dp_training.sweep import machine_info
     from dp_training.train import FinetuneConfig
 
     torch.set_num_threads(1)
@@ -574,39 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for eps in settings
     ]
-    result = {
-        "runs": runs,
-        "delta": runs[0]["delta"],
-        "what": __doc__.split("\n\n")[0],
-        "recipe": {
-            "train_scope": common.train_scope,
-            "epochs": args.epochs,
-            "batch_size": common.batch_size,
-            "max_grad_norm": common.max_grad_norm,
-            "lr_dp": common.lr,
-            "lr_nodp": args.nodp_lr,
-            "accountant": common.accountant,
-            "base": args.base,
-        },
-        "gradient_canaries": {
-            "count": args.gradient_canaries,
-            "magnitude": args.gradient_magnitude,
-            "kind": "Dirac: one trained coordinate each, random sign, sampled like a record, clipped to C under DP",
-        },
-        "canaries": {
-            "count": args.canaries,
-            "kind": args.canary_kind + " wordpieces, random label",
-            "length": args.canary_length,
-            "inclusion_probability": 0.5,
-        },
-        "natural_pool": len(setup.natural),
-        "always_in": len(setup.fixed),
-        "models_per_setting": args.models,
-        "lira_variant": "online, global variances, every model the target once with the others as shadows",
-        "machine": machine_info(1, load_start),
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    result = audit_result(args, common, setup, runs, load_start, t0)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2, default=float) + "\n")
     if args.plot:
