@@ -188,7 +188,7 @@ def gradient_alignment(setup: AuditSetup, scope: str, trained: torch.nn.Module, 
 
 
 class GradientCanaries:
-    """White-box gradient canaries (Steinke et al. 2023, Section 7: "Dirac canaries" in gradient space).
+    """White-box gradient canaries (Steinke et al. 2023: "Dirac canaries" in gradient space).
 
     Canary i is a record whose per-sample gradient is sign_i * magnitude * e_{coord_i}: one coordinate of
     the trained parameters, distinct per canary. An included canary takes part in each step as a record
