@@ -18,8 +18,8 @@ GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
 def steinke_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """P[at least v of r guesses correct] for an (eps, delta)-DP algorithm: Steinke, Nasr & Jagielski 2023.
 
-    "Privacy Auditing with One (1) Training Run", NeurIPS 2023 (arXiv:2305.08846), main theorem (Theorem 3.1): m canaries,
-    each included independently with probability 1/2, an auditor who guesses on r of them (abstaining on
+    "Privacy Auditing with One (1) Training Run", NeurIPS 2023 (arXiv:2305.08846), main theorem
+    (Theorem 3.1): m canaries, each included independently with probability 1/2, an auditor who guesses on r of them (abstaining on
     the rest) and gets W correct. If the training algorithm is (eps, delta)-DP then for every v
 
         P[W >= v] <= f(v) + 2 m delta * max_{i in 1..v} (f(v - i) - f(v)) / i,
