@@ -20,7 +20,8 @@ def steinke_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
     "Privacy Auditing with One (1) Training Run", NeurIPS 2023 (arXiv:2305.08846), main theorem
     (Theorem 3.1): m canaries, each included independently with probability 1/2, an auditor who guesses
-    on r of them (abstaining on the rest) and gets W correct. If the training algorithm is (eps, delta)-DP then for every v
+    on r of them (abstaining on the rest) and gets W correct. If the training algorithm is
+    (eps, delta)-DP then for every v
 
         P[W >= v] <= f(v) + 2 m delta * max_{i in 1..v} (f(v - i) - f(v)) / i,
         f(v) = P[Binomial(r, e^eps / (1 + e^eps)) >= v],
