@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--physical-batch-size", type=int, default=64, help="BatchMemoryManager's physical batch bound")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping bound C")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default depends on --train-scope: all 2e-3, bitfit 5e-2, top 2e-3, head 2e-2)")
+                   help="Adam learning rate (default depends on --train-scope: all 5e-2, bitfit 5e-2, top 2e-3, head 2e-2)")
+    p.add_argument("--matrix-lr", type=float, default=None,
+                   help="learning rate of the encoder's weight matrices under --train-scope all/top "
+                        "(default: all 1e-3, top 2e-3)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (longer texts are truncated)")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction (half dev, half test)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, seed=args.seed, split_seed=args.split_seed, holdout=args.holdout,
         reinit_head=not args.keep_head, progress=not args.quiet, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, range_data=args.range_data, threads=args.threads,
-        train_scope=args.train_scope)
+        train_scope=args.train_scope, matrix_lr=args.matrix_lr)
     try:
         report = finetune(cfg)
     except (DatasetError, ConfigError, DPTrainingError) as exc:

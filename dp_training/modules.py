@@ -13,7 +13,8 @@ HEFriendlyBert has three kinds of such modules:
   The running statistics are never updated from private data (they would be a non-private release).
 * SelfAttention owns `log_z` directly (the 2quad_fixed normaliser) next to its Linear children.
   Opacus cannot hook a parent module for one parameter, so `log_z` moves into a leaf `HeadScale`
-  (x -> x * exp(-log_z) per head) with its own sampler; the forward is otherwise unchanged.
+  (x -> x * exp(-log_z) per head) with its own sampler; `DPSelfAttention` overrides only
+  SelfAttention's `normalise_fixed` hook to use it.
 
 The quadratic GELU (`Activation`) has no trainable parameters (its coefficients are a buffer),
 so it needs no sampler: gradients flow through it into fc1, which the tests check.
@@ -29,7 +30,6 @@ trained parameters back to HEFriendlyBert's parameter names so `HEFriendlyBert.l
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -72,28 +72,15 @@ class HeadScale(nn.Module):
 
 
 class DPSelfAttention(SelfAttention):
-    """SelfAttention whose log_z lives in a HeadScale child; same arithmetic as the original."""
+    """SelfAttention whose log_z lives in a HeadScale child; same arithmetic as the original.
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        key_valid = mask[:, None, None, :].bool()
-        pair_valid = key_valid & mask[:, None, :, None].bool()
-        self.recorder(scores, pair_valid.expand_as(scores))
-        if self.kind == "exact":
-            probs = torch.softmax(scores.masked_fill(~key_valid, torch.finfo(scores.dtype).min), dim=-1)
-        else:
-            weights = (scores + self.c) ** 2 * key_valid
-            if self.kind == "2quad":
-                probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-            else:
-                n_valid = mask.sum(-1).clamp_min(1).to(scores.dtype)[:, None, None, None]
-                probs = self.head_scale(weights / n_valid)
-        context = self.dropout(probs) @ v
-        b, _, n, _ = context.shape
-        # explicit width (model.py uses -1, which cannot reshape an empty Poisson batch)
-        context = context.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        return self.o(context), probs
+    Only the normaliser hook is overridden: the rest of forward is SelfAttention's own.
+    """
+
+    head_scale: HeadScale
+
+    def normalise_fixed(self, weights: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        return self.head_scale(weights / n_valid)
 
 
 # --- grad samplers (per-sample gradients; batch first; backprops already scaled by Opacus) ---

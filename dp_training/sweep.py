@@ -168,107 +168,96 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads(Path(args.results).read_text())))
-        return 0
-    from dp_training.train import FinetuneConfig, finetune, prepare, versions
+def run_name(eps: float | None) -> str:
+    return "nodp" if eps is None else f"eps{eps:g}"
 
-    base = Path(args.base)
-    if not (base / "config.json").exists():
-        print(f"error: {base} is not a model directory; pass --base", file=sys.stderr)
-        return 2
-    data = args.data or str(sms_spam_path())
-    work = Path(args.work_dir)
-    common = FinetuneConfig(
-        data=data, base=str(base), out="", epochs=args.epochs, accountant=args.accountant, delta=args.delta,
-        batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
-        max_grad_norm=args.max_grad_norm, lr=args.lr, max_length=args.max_length, seed=args.seed,
-        progress=not args.quiet, threads=args.threads, train_scope=args.train_scope, optimizer=args.optimizer)
-    prepared = prepare(common)  # one split, one tokenisation, one starting model (head seeded) for all
-    load_start = os.getloadavg()
-    runs, reports = [], {}
-    # the non-DP baseline first, then decreasing epsilon
-    from dp_training.train import DEFAULT_LR
+
+def run_entry(eps: float | None, cfg, report: dict, t0: float) -> dict:
+    """One row of dp.json's runs from a finetune() report."""
+    mia = report["membership_inference_auc"]
+    return {
+        "epsilon": eps,
+        "epsilon_spent": report["epsilon"],
+        "accuracy": report["utility"]["accuracy"],
+        "spam_f1": report["utility"]["f1_label_1"],
+        "macro_f1": report["utility"]["macro_f1"],
+        "mia_auc": mia["loss"],
+        "mia_auc_class_calibrated": mia.get("class_calibrated"),
+        "samples_per_s": report["throughput"]["samples_per_s"],
+        "train_seconds": report["throughput"]["train_seconds"],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "noise_multiplier": report["noise_multiplier"],
+        "sample_rate": report["sample_rate"],
+        "steps": report["steps"],
+        "lr": report["optimizer"]["lr"],
+        "train_scope": cfg.train_scope,
+        "trainable_parameters": report["trainable_parameters"],
+        "model_dir": cfg.out,
+    }
+
+
+def nodp_baseline(common, prepared, work: Path, lrs: list[float], scope: str) -> tuple[object, dict, list[dict]]:
+    """The non-DP baseline: one run per learning rate, the best dev spam F1 wins -> (cfg, report, search)."""
+    from dp_training.train import finetune
+
+    best, search = None, []
+    for lr in lrs:
+        cfg = replace(common, epsilon=None, out=str(work / f"nodp-lr{lr:g}"), lr=lr, train_scope=scope)
+        rep = finetune(cfg, prepared=prepared)
+        dev_f1 = rep["history"][-1]["dev"]["f1_label_1"]
+        search.append({"lr": lr, "dev_spam_f1": dev_f1, "test_spam_f1": rep["utility"]["f1_label_1"],
+                       "model_dir": cfg.out})
+        if best is None or dev_f1 > best[0]:
+            best = (dev_f1, cfg, rep)
+    assert best is not None
+    return best[1], best[2], search
+
+
+def run_all(args, common, prepared, work: Path) -> tuple[list[dict], dict, list[dict]]:
+    """The non-DP baseline first, then decreasing epsilon -> (runs, reports by name, non-DP lr search)."""
+    from dp_training.train import DEFAULT_LR, finetune
 
     dp_lr = args.lr if args.lr is not None else DEFAULT_LR[args.train_scope]
     nodp_scope = args.train_scope_nodp or args.train_scope
     nodp_lrs = args.lr_nodp or ([dp_lr, dp_lr / 2, dp_lr / 5] if nodp_scope == args.train_scope
                                 else [DEFAULT_LR[nodp_scope]])
-    nodp_search = []
+    runs, reports, nodp_search = [], {}, []
     for eps in [None, *sorted(args.epsilons, reverse=True)]:
-        name = "nodp" if eps is None else f"eps{eps:g}"
+        name = run_name(eps)
         t0 = time.perf_counter()
         print(f"[sweep] {name}: training", file=sys.stderr, flush=True)
         if eps is None:  # the baseline gets its own learning rate, picked on the dev split
-            best = None
-            for lr in nodp_lrs:
-                cfg_i = replace(common, epsilon=None, out=str(work / f"nodp-lr{lr:g}"), lr=lr, train_scope=nodp_scope)
-                rep = finetune(cfg_i, prepared=prepared)
-                dev_f1 = rep["history"][-1]["dev"]["f1_label_1"]
-                nodp_search.append({"lr": lr, "dev_spam_f1": dev_f1, "test_spam_f1": rep["utility"]["f1_label_1"],
-                                    "model_dir": cfg_i.out})
-                if best is None or dev_f1 > best[0]:
-                    best = (dev_f1, cfg_i, rep)
-            _, cfg, report = best
+            cfg, report, nodp_search = nodp_baseline(common, prepared, work, nodp_lrs, nodp_scope)
         else:
             cfg = replace(common, epsilon=eps, out=str(work / name), lr=dp_lr, train_scope=args.train_scope)
             report = finetune(cfg, prepared=prepared)
         reports[name] = report
-        mia = report["membership_inference_auc"]
-        runs.append({
-            "epsilon": eps,
-            "epsilon_spent": report["epsilon"],
-            "accuracy": report["utility"]["accuracy"],
-            "spam_f1": report["utility"]["f1_label_1"],
-            "macro_f1": report["utility"]["macro_f1"],
-            "mia_auc": mia["loss"],
-            "mia_auc_class_calibrated": mia.get("class_calibrated"),
-            "samples_per_s": report["throughput"]["samples_per_s"],
-            "train_seconds": report["throughput"]["train_seconds"],
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "noise_multiplier": report["noise_multiplier"],
-            "sample_rate": report["sample_rate"],
-            "steps": report["steps"],
-            "lr": report["optimizer"]["lr"],
-            "train_scope": cfg.train_scope,
-            "trainable_parameters": report["trainable_parameters"],
-            "model_dir": cfg.out,
-        })
+        runs.append(run_entry(eps, cfg, report, t0))
         print(f"[sweep] {name}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
-    references = []
-    if not args.no_reference:
-        cfg = replace(common, epsilon=None, out=str(work / "nodp-all"), lr=None, train_scope="all")
-        print("[sweep] reference: non-DP full fine-tune", file=sys.stderr, flush=True)
-        rep = finetune(cfg, prepared=prepared)
-        references.append({
-            "name": "non-DP, every encoder weight trained", "epsilon": None, "train_scope": "all",
-            "accuracy": rep["utility"]["accuracy"], "spam_f1": rep["utility"]["f1_label_1"],
-            "mia_auc": rep["membership_inference_auc"]["loss"],
-            "mia_auc_class_calibrated": rep["membership_inference_auc"].get("class_calibrated"),
-            "samples_per_s": rep["throughput"]["samples_per_s"], "lr": rep["optimizer"]["lr"],
-            "trainable_parameters": rep["trainable_parameters"]})
-    print("[sweep] reference-calibrated membership audit", file=sys.stderr, flush=True)
-    ref_auc = reference_calibrated_audit(
-        prepared, {("nodp" if r["epsilon"] is None else f"eps{r['epsilon']:g}"): r["model_dir"] for r in runs},
-        scope=args.train_scope, lr=args.lr, steps=runs[0]["steps"], batch_size=args.batch_size,
-        physical=args.physical_batch_size, seed=args.seed)
-    for r in runs:
-        r["mia_auc_reference_calibrated"] = ref_auc["nodp" if r["epsilon"] is None else f"eps{r['epsilon']:g}"]
-    print("[sweep] interleaved throughput benchmark", file=sys.stderr, flush=True)
-    from dp_training.train import throughput_benchmark
+    return runs, reports, nodp_search
 
-    sigma8 = next((r["noise_multiplier"] for r in runs if r["epsilon"] == 8.0), 1.0)
-    interleaved = throughput_benchmark(prepared[0], prepared[3]["train"],
-                                       scopes=tuple(dict.fromkeys([args.train_scope, "all"])),
-                                       batch_size=args.batch_size, physical=args.physical_batch_size,
-                                       seed=args.seed, noise_multiplier=sigma8)
-    any_report = next(iter(reports.values()))
+
+def reference_full_finetune(common, prepared, work: Path) -> dict:
+    """The extra non-DP run that trains every encoder weight (kept as a reference row)."""
+    from dp_training.train import finetune
+
+    cfg = replace(common, epsilon=None, out=str(work / "nodp-all"), lr=None, train_scope="all")
+    print("[sweep] reference: non-DP full fine-tune", file=sys.stderr, flush=True)
+    rep = finetune(cfg, prepared=prepared)
+    return {
+        "name": "non-DP, every encoder weight trained", "epsilon": None, "train_scope": "all",
+        "accuracy": rep["utility"]["accuracy"], "spam_f1": rep["utility"]["f1_label_1"],
+        "mia_auc": rep["membership_inference_auc"]["loss"],
+        "mia_auc_class_calibrated": rep["membership_inference_auc"].get("class_calibrated"),
+        "samples_per_s": rep["throughput"]["samples_per_s"], "lr": rep["optimizer"]["lr"],
+        "trainable_parameters": rep["trainable_parameters"]}
+
+
+def sweep_targets(runs: list[dict], interleaved: dict, scope: str) -> dict:
     nodp = runs[0]
     dp_runs = [r for r in runs if r["epsilon"] is not None]
     eps8 = next((r for r in dp_runs if r["epsilon"] == 8.0), None)
-    targets = {
+    return {
         "eps8_spam_f1_gap_points": None if eps8 is None else round(100 * (nodp["spam_f1"] - eps8["spam_f1"]), 2),
         "eps8_spam_f1_within_5_points": None if eps8 is None else (nodp["spam_f1"] - eps8["spam_f1"]) <= 0.05,
         "dp_mia_auc_max": max(r["mia_auc"] for r in dp_runs),
@@ -277,13 +266,27 @@ def main(argv: list[str] | None = None) -> int:
         "dp_mia_auc_at_most_0.55": max(r["mia_auc"] for r in dp_runs) <= 0.55,
         "dp_to_nodp_throughput_min": min(r["samples_per_s"] for r in dp_runs) / nodp["samples_per_s"],
         "dp_throughput_at_least_half": min(r["samples_per_s"] for r in dp_runs) / nodp["samples_per_s"] >= 0.5,
-        "interleaved_dp_to_nodp_throughput": interleaved[args.train_scope]["ratio"],
+        "interleaved_dp_to_nodp_throughput": interleaved[scope]["ratio"],
     }
-    result = {
+
+
+def machine_info(threads: int, load_start) -> dict:
+    from dp_training.train import versions
+
+    return {"cores": os.cpu_count(), "torch_threads": threads,
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "note": "2 cores shared with other jobs: samples/s are noisy", **versions()}
+
+
+def sweep_result(args, runs, reports, nodp_search, references, interleaved, load_start) -> dict:
+    base = Path(args.base)
+    any_report = next(iter(reports.values()))
+    return {
         "runs": runs,
         "delta": any_report["delta"],
         "accountant": args.accountant,
-        "targets": targets,
+        "targets": sweep_targets(runs, interleaved, args.train_scope),
         "references": references,
         "nodp_lr_search": {"rule": "non-DP baseline = the learning rate with the best dev spam F1",
                            "candidates": nodp_search},
@@ -301,21 +304,56 @@ def main(argv: list[str] | None = None) -> int:
                             "physical_batch_size": args.physical_batch_size,
                             "max_grad_norm": args.max_grad_norm,
                             "max_length": args.max_length, "train_scope_dp": args.train_scope,
-                            "train_scope_nodp": args.train_scope_nodp or args.train_scope, "optimizer": args.optimizer, "seed": args.seed, "poisson_sampling_dp": True},
-        "machine": {"cores": os.cpu_count(), "torch_threads": any_report["throughput"]["threads"],
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                    "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "note": "2 cores shared with other jobs: samples/s are noisy",
-                    **versions()},
+                            "train_scope_nodp": args.train_scope_nodp or args.train_scope,
+                            "optimizer": args.optimizer, "seed": args.seed, "poisson_sampling_dp": True},
+        "machine": machine_info(any_report["throughput"]["threads"], load_start),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.results).read_text())))
+        return 0
+    from dp_training.train import FinetuneConfig, prepare, throughput_benchmark
+
+    base = Path(args.base)
+    if not (base / "config.json").exists():
+        print(f"error: {base} is not a model directory; pass --base", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir)
+    common = FinetuneConfig(
+        data=args.data or str(sms_spam_path()), base=str(base), out="", epochs=args.epochs,
+        accountant=args.accountant, delta=args.delta, batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size, max_grad_norm=args.max_grad_norm, lr=args.lr,
+        max_length=args.max_length, seed=args.seed, progress=not args.quiet, threads=args.threads,
+        train_scope=args.train_scope, optimizer=args.optimizer)
+    prepared = prepare(common)  # one split, one tokenisation, one starting model (head seeded) for all
+    load_start = os.getloadavg()
+    runs, reports, nodp_search = run_all(args, common, prepared, work)
+    references = [] if args.no_reference else [reference_full_finetune(common, prepared, work)]
+    print("[sweep] reference-calibrated membership audit", file=sys.stderr, flush=True)
+    ref_auc = reference_calibrated_audit(
+        prepared, {run_name(r["epsilon"]): r["model_dir"] for r in runs},
+        scope=args.train_scope, lr=args.lr, steps=runs[0]["steps"], batch_size=args.batch_size,
+        physical=args.physical_batch_size, seed=args.seed)
+    for r in runs:
+        r["mia_auc_reference_calibrated"] = ref_auc[run_name(r["epsilon"])]
+    print("[sweep] interleaved throughput benchmark", file=sys.stderr, flush=True)
+    sigma8 = next((r["noise_multiplier"] for r in runs if r["epsilon"] == 8.0), 1.0)
+    interleaved = throughput_benchmark(prepared[0], prepared[3]["train"],
+                                       scopes=tuple(dict.fromkeys([args.train_scope, "all"])),
+                                       batch_size=args.batch_size, physical=args.physical_batch_size,
+                                       seed=args.seed, noise_multiplier=sigma8)
+    result = sweep_result(args, runs, reports, nodp_search, references, interleaved, load_start)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(runs, args.plot, f"DP fine-tuning on SMS spam, delta={result['delta']:g}, {args.epochs} epochs, "
                               f"base {base.name}")
     print(json.dumps({"runs": [{k: r[k] for k in ("epsilon", "accuracy", "spam_f1", "mia_auc", "samples_per_s")}
-                               for r in runs], "targets": targets}, indent=2))
+                               for r in runs], "targets": result["targets"]}, indent=2))
     return 0
 
 

@@ -157,6 +157,14 @@ class SelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def normalise_fixed(self, weights: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """2quad_fixed's normaliser: weights / (n * exp(log_z[head])).
+
+        A method of its own so a subclass can compute it elsewhere (the DP twin moves log_z into a leaf
+        module that Opacus can compute per-sample gradients for) without copying forward.
+        """
+        return weights / (n_valid * torch.exp(self.log_z)[None, :, None, None])
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (b, heads, n, n)
@@ -173,7 +181,7 @@ class SelfAttention(nn.Module):
                 probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
             else:
                 n_valid = mask.sum(-1).clamp_min(1).to(scores.dtype)[:, None, None, None]
-                probs = weights / (n_valid * torch.exp(self.log_z)[None, :, None, None])
+                probs = self.normalise_fixed(weights, n_valid)
         context = self.dropout(probs) @ v
         b, _, n, _ = context.shape
         context = context.transpose(1, 2).reshape(b, n, -1)

@@ -12,8 +12,6 @@ ALLOWED_LONG = {
     "distill/pipeline.py:run",
     "distill/student.py:train",
     "distill/teacher.py:finetune_teacher",
-    "dp_training/sweep.py:main",
-    "dp_training/train.py:finetune",
 }
 
 

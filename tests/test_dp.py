@@ -140,6 +140,33 @@ def test_twin_keeps_inference_semantics_and_parameter_names():
     torch.testing.assert_close(state["layers.0.norm1.running_mean"], model.layers[0].norm1.running_mean)
 
 
+def test_twin_overrides_only_the_normaliser_hook():
+    from dp_training.modules import DPSelfAttention
+    from he_models.model import SelfAttention
+
+    overridden = {k for k, v in vars(DPSelfAttention).items() if callable(v) and not k.startswith("__")}
+    assert overridden == {"normalise_fixed"}
+    assert DPSelfAttention.forward is SelfAttention.forward
+
+
+def test_empty_poisson_batch_is_a_noise_only_step():
+    from opacus.optimizers import DPOptimizer
+
+    from dp_training.train import _step
+
+    twin = make_dp_twin(tiny_model())
+    gsm = GradSampleModule(twin)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4)
+    ids, mask, labels = batch()
+    loss = _step(gsm, opt, ids[:0], mask[:0], labels[:0])
+    assert loss == 0.0
+    # the step happened: every trained parameter moved by the noise alone
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
 def test_frozen_norm_keeps_samples_independent():
     """Why AffineNorm's batch statistics are frozen: in training mode they mix samples."""
     model = tiny_model()
