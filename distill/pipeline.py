@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cipherbert.data import DatasetError, Example, load_examples, load_sst2_dev, sentiment_splits  # noqa: E402
+from cipherbert.data import (  # noqa: E402
+    SENTIMENT_LABELS, DatasetError, Example, load_examples, load_labelled, load_sst2_dev, sentiment_splits,
+)
 from distill.batching import Encoded, encode  # noqa: E402
 
 
@@ -37,15 +39,18 @@ def pick_device() -> torch.device:
 
 
 def load_task(cfg: dict) -> dict[str, list[Example]]:
+    """train/dev/test(/sst2_dev) Examples, plus "_labels": the label names in id order (training set's)."""
     data = cfg["data"]
     if data["task"] == "sentiment":
         splits, removed = sentiment_splits(seed=cfg["seed"])
         parts = {"train": splits.train, "dev": splits.dev, "test": splits.test}
+        label2id = dict(SENTIMENT_LABELS)
         if data["test"]:
-            parts["test"] = load_examples(data["test"])
+            parts["test"] = load_examples(data["test"], label2id)
     else:
-        parts = {"train": load_examples(data["train"]), "dev": load_examples(data["dev"])}
-        parts["test"] = load_examples(data["test"]) if data["test"] else []
+        train, label2id = load_labelled(data["train"])
+        parts = {"train": train, "dev": load_examples(data["dev"], label2id)}
+        parts["test"] = load_examples(data["test"], label2id) if data["test"] else []
     if data["sst2_dev"]:
         parts["sst2_dev"] = load_sst2_dev()
     if data["limit_train"]:
@@ -57,8 +62,11 @@ def load_task(cfg: dict) -> dict[str, list[Example]]:
     labels = {ex.label for ex in parts["train"]}
     if len(labels) < 2:
         raise DatasetError(f"training data has a single label {sorted(labels)}; need at least two classes")
-    num_labels = max(max(ex.label for ex in part) for part in parts.values() if part) + 1
-    parts["_num_labels"] = num_labels  # type: ignore[assignment]
+    names = sorted(label2id, key=label2id.get)
+    if max(ex.label for part in parts.values() if part for ex in part) >= len(names):
+        raise DatasetError(f"a label id is outside the training set's {len(names)} labels {names}")
+    parts["_labels"] = names  # type: ignore[assignment]
+    parts["_num_labels"] = len(names)  # type: ignore[assignment]
     return parts
 
 
@@ -145,10 +153,11 @@ def hidden_outputs(cfg: dict, teacher, enc: dict, he_cfg, device: torch.device):
     return cache
 
 
-def student_config(cfg: dict, overrides: dict, tok, num_labels: int, name: str):
+def student_config(cfg: dict, overrides: dict, tok, labels: list[str], name: str):
     from he_models.config import HEConfig
 
-    fields = {"vocab_size": len(tok), "num_labels": num_labels, "name": name,
+    fields = {"vocab_size": len(tok), "num_labels": len(labels), "name": name,
+              "id2label": dict(enumerate(labels)),
               "pad_token_id": tok.pad_token_id or 0, **cfg["student"], **overrides}
     return HEConfig(**fields)
 
@@ -357,7 +366,7 @@ def run(cfg: dict) -> dict:
     work = Path(cfg["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
     parts = load_task(cfg)
-    num_labels = parts["_num_labels"]
+    labels = parts["_labels"]
     log(f"data: train {len(parts['train'])}, dev {len(parts['dev'])}, test {len(parts.get('test', []))}, "
         f"sst2 {len(parts.get('sst2_dev', []))}")
     teacher, tok, tinfo = teacher_stage(cfg, parts, device)
@@ -368,7 +377,7 @@ def run(cfg: dict) -> dict:
 
     teacher_acc = {k: accuracy(logits[k], enc[k].labels) for k in ("dev", "test", "sst2_dev") if k in enc}
     log(f"teacher accuracy: {teacher_acc}")
-    he_cfg = student_config(cfg, {}, tok, num_labels, cfg["name"])
+    he_cfg = student_config(cfg, {}, tok, labels, cfg["name"])
     all_done = all((work / "students" / n / "DONE.json").exists() for n in _needed_students(cfg))
     hidden = None
     if cfg["distill"]["stage1_epochs"] > 0 and not all_done and not cfg.get("_finish"):
@@ -377,16 +386,16 @@ def run(cfg: dict) -> dict:
     if cfg.get("_finish"):
         name = cfg["_finish"]
         over = {"softmax": "exact", "gelu": "exact", "layernorm": "exact"} if name == "tiny_exact" else {}
-        finish_student(cfg, name, student_config(cfg, over, tok, num_labels, name.replace("_", "-")), enc,
+        finish_student(cfg, name, student_config(cfg, over, tok, labels, name.replace("_", "-")), enc,
                        logits, device, record.put)
         record.write_metrics()
         return record.metrics_now()
     ablation_only = cfg.get("_ablation_only", False)
     # 1. the shipped HE-friendly student (shipped as soon as it exists)
     if not ablation_only:
-        _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, record.put,
+        _main_students(cfg, tok, labels, teacher, enc, logits, hidden, device, he_cfg, record.put,
                        record.write_metrics, record.metrics_now)
-    _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, record.put, record.write_metrics)
+    _ablation(cfg, tok, labels, teacher, enc, logits, hidden, device, record.put, record.write_metrics)
     metrics = record.metrics_now()
     if not ablation_only:
         record.write_metrics()
@@ -395,7 +404,7 @@ def run(cfg: dict) -> dict:
     return metrics
 
 
-def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
+def _main_students(cfg, tok, labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
                    write_metrics, metrics_now) -> None:
     dcfg = cfg["distill"]
     model, res = run_student(cfg, "he_friendly", he_cfg, teacher, enc, logits, hidden, device,
@@ -412,7 +421,7 @@ def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, h
     # 2. tiny_exact: same shape and distillation, exact operations
     if cfg["tiny_exact"]["enabled"]:
         ex_cfg = student_config(cfg, {"softmax": "exact", "gelu": "exact", "layernorm": "exact"}, tok,
-                                num_labels, "tiny-exact")
+                                labels, "tiny-exact")
         _, res = run_student(cfg, "tiny_exact", ex_cfg, teacher, enc, logits, hidden, device,
                              stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
                              pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
@@ -420,7 +429,7 @@ def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, h
         write_metrics()
 
 
-def _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_result, write_metrics) -> None:
+def _ablation(cfg, tok, labels, teacher, enc, logits, hidden, device, put_result, write_metrics) -> None:
     """Each approximation alone, and each help switched off (cheaper schedule). Several workers may run
     this at once (`--ablation-only` in a second process): a student being trained elsewhere is skipped."""
     dcfg = cfg["distill"]
@@ -436,7 +445,7 @@ def _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_re
             if _locked_elsewhere(Path(cfg["work_dir"]) / "students" / name):
                 log(f"{name}: being trained by another worker; skipped here")
                 continue
-            a_cfg = student_config(cfg, over, tok, num_labels, name)
+            a_cfg = student_config(cfg, over, tok, labels, name)
             _, res = run_student(
                 cfg, name, a_cfg, teacher, enc, logits, hidden, device,
                 stage1_epochs=0 if flags.get("no_stage1") or flags.get("no_kd") else s1, stage2_epochs=s2,
