@@ -135,8 +135,18 @@ def load_labelled(path: str | Path, label_map: dict[str, int] | None = None) -> 
     """(examples, label2id): `label_map` when given, else the one inferred from this file."""
     raw = _read_rows(Path(path))
     if label_map is None:
+        _check_one_label_kind(raw)
         label_map = infer_label_map(value for _, _, value in raw)
     return [Example(text=text, label=_label_id(value, label_map, where)) for where, text, value in raw], label_map
+
+
+def _check_one_label_kind(raw: list[tuple[str, str, str]]) -> None:
+    """Integer labels and names in one file are a typo, not a label set: fail at the first odd row."""
+    first_is_int = _as_int(raw[0][2]) is not None
+    for where, _, value in raw:
+        if (_as_int(value) is not None) != first_is_int:
+            kind = "is not an integer" if first_is_int else "is an integer"
+            raise DatasetError(f"{where}: label {value!r} {kind}, unlike the labels above it ({raw[0][2]!r}, ...)")
 
 
 def _read_rows(path: Path) -> list[tuple[str, str, str]]:

@@ -210,6 +210,24 @@ def teacher_logits(teacher: TokenTeacher, data: TokenEncoded, batch_size: int = 
     return out
 
 
+def teacher_outputs(cfg: dict, teacher: TokenTeacher, enc: dict, tags: list[str]) -> tuple[dict, dict]:
+    """(teacher seqeval scores on dev/test, per-sentence logits on train/aug), cached in work_dir so
+    students trained in other processes (tiny_exact, ablations) or after a restart reuse them."""
+    path = Path(cfg["work_dir"]) / "teacher_outputs.pt"
+    sizes = {k: len(v) for k, v in enc.items()}
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["sizes"] == sizes and saved["tags"] == tags:
+            log(f"teacher scores and logits: loaded from {path}")
+            return saved["scores"], saved["logits"]
+    teacher_scores = scores(lambda ids, mask: teacher(ids, mask)["logits"], enc, tags)
+    t_logits = {k: teacher_logits(teacher, enc[k]) for k in ("train", "aug") if k in enc}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"sizes": sizes, "tags": tags, "scores": teacher_scores, "logits": t_logits}, tmp)
+    tmp.replace(path)
+    return teacher_scores, t_logits
+
+
 def token_kd_loss(s_logits, t_logits, labels, kd_mask, temperature: float, alpha: float) -> torch.Tensor:
     """Per-token temperature KL to the teacher on every word piece, plus cross entropy on first pieces."""
     t = temperature
@@ -379,14 +397,13 @@ def run(cfg: dict) -> dict:
     teacher = TokenTeacher(model)
     label2id = {t: i for i, t in enumerate(tags)}
     enc = {k: encode_tokens(tok, v, label2id, cfg["data"]["max_len"]) for k, v in parts.items() if v}
-    teacher_scores = scores(lambda ids, mask: teacher(ids, mask)["logits"], enc, tags)
-    log(f"teacher: {json.dumps(teacher_scores)}")
     if cfg["distill"]["augment"]:
         aug = mention_swap(parts["train"], cfg["distill"]["augment"], cfg["seed"])
         enc["aug"] = encode_tokens(tok, aug, label2id, cfg["data"]["max_len"])
         parts["aug"] = aug
         log(f"augmented: {len(aug)} mention-swapped sentences")
-    t_logits = {k: teacher_logits(teacher, enc[k]) for k in ("train", "aug") if k in enc}
+    teacher_scores, t_logits = teacher_outputs(cfg, teacher, enc, tags)
+    log(f"teacher: {json.dumps(teacher_scores)}")
     he_cfg = student_config(cfg, tok, tags, cfg["name"])
     hidden = hidden_cache(cfg, teacher, enc["train"], he_cfg) if cfg["distill"]["stage1_epochs"] > 0 else None
     results: dict = {}
