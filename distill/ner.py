@@ -59,7 +59,8 @@ DEFAULTS: dict = {
                 "hidden_weight": 1.0, "attn_weight": 1.0, "layer_map": None,
                 "softmax_score_bound": 12.0, "gelu_input_bound": 12.0, "range_penalty_weight": 1.0},
     "tiny_exact": {"enabled": True},
-    "ablation": {"enabled": True, "stage1_epochs": 2, "stage2_epochs": 3,
+    # shorter runs than the shipped student's (labelled so in metrics.json); augment: use the augmented copies
+    "ablation": {"enabled": True, "stage1_epochs": 2, "stage2_epochs": 3, "augment": True,
                  "variants": {"softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
                               "gelu_only": {"softmax": "exact", "gelu": "quad", "layernorm": "exact"},
                               "layernorm_only": {"softmax": "exact", "gelu": "exact", "layernorm": "affine"}}},
@@ -336,6 +337,8 @@ def run_student(cfg: dict, name: str, he_cfg: HEConfig, teacher: TokenTeacher, e
     from distill.pipeline import approximations
 
     result = {"name": name, "seconds": res["seconds"], "history": res["history"],
+              "schedule": {"stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "augmented": aug is not None,
+                           "train_sentences": len(enc["train"]) + (len(aug) if aug is not None else 0)},
               "approximations": approximations(model.config), "scores": scores(student_forward(model), enc, tags),
               "ranges": model.recorded_ranges(), "params": sum(p.numel() for p in model.parameters())}
     model.save_pretrained(sdir / "model")
@@ -382,7 +385,8 @@ def metrics_from(cfg: dict, parts: dict, tinfo: dict, teacher_scores: dict, resu
              teacher_dev_f1_by_epoch=[h["dev"]["f1"] for h in tinfo.get("history", [])],
              device="cpu", config=cfg,
              ablation={k: {"scores": v.get("scores"), "approximations": v.get("approximations"),
-                           "seconds": v.get("seconds")} for k, v in results.items() if k.startswith("ablation")})
+                           "seconds": v.get("seconds"), "schedule": v.get("schedule")}
+                       for k, v in results.items() if k.startswith("ablation")})
     return m
 
 
@@ -420,7 +424,7 @@ def run(cfg: dict) -> dict:
             continue
         student, results[name] = run_student(cfg, name, s_cfg, teacher, enc, t_logits, hidden, tags,
                                              stage1_epochs=sched["stage1_epochs"],
-                                             stage2_epochs=sched["stage2_epochs"])
+                                             stage2_epochs=sched["stage2_epochs"], use_aug=sched.get("augment", True))
         if name == "he_friendly":
             ship(cfg, student, tok, {})
     for name in ("he_friendly", "tiny_exact"):  # results trained by another worker
