@@ -61,7 +61,9 @@ DEFAULTS: dict = {
     "tiny_exact": {"enabled": True},
     # shorter runs than the shipped student's (labelled so in metrics.json); augment: use the augmented copies
     "ablation": {"enabled": True, "stage1_epochs": 2, "stage2_epochs": 3, "augment": True,
-                 "variants": {"softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
+                 "variants": {"exact_reference": EXACT,
+                              "all_three": {"softmax": "2quad_fixed", "gelu": "quad", "layernorm": "affine"},
+                              "softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
                               "gelu_only": {"softmax": "exact", "gelu": "quad", "layernorm": "exact"},
                               "layernorm_only": {"softmax": "exact", "gelu": "exact", "layernorm": "affine"}}},
 }
@@ -383,6 +385,8 @@ def metrics_from(cfg: dict, parts: dict, tinfo: dict, teacher_scores: dict, resu
              train_seconds_by_stage={"teacher_finetune": round(tinfo.get("seconds", 0.0), 1),
                                      **{k: round(v.get("seconds", 0.0), 1) for k, v in results.items()}},
              teacher_dev_f1_by_epoch=[h["dev"]["f1"] for h in tinfo.get("history", [])],
+             **{f"{k}_dev_f1_by_stage2_epoch": [h["dev_f1"] for h in results[k].get("history", []) if "dev_f1" in h]
+                for k in ("he_friendly", "tiny_exact") if k in results},
              device="cpu", config=cfg,
              ablation={k: {"scores": v.get("scores"), "approximations": v.get("approximations"),
                            "seconds": v.get("seconds"), "schedule": v.get("schedule")}
