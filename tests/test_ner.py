@@ -50,10 +50,17 @@ def test_seqeval_scores_entities_not_tokens():
 def _tiny_bert_dir(path, token_head: bool):
     from transformers import BertConfig, BertForTokenClassification, BertModel
 
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
-    (BertForTokenClassification(BertConfig(**cfg.to_dict(), num_labels=3)) if token_head else BertModel(cfg)
-     ).save_pretrained(str(path))
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    (
+        BertForTokenClassification(BertConfig(**cfg.to_dict(), num_labels=3)) if token_head else BertModel(cfg)
+    ).save_pretrained(str(path))
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (default_teacher_path() / name).exists():
             shutil.copy(default_teacher_path() / name, path / name)
@@ -80,7 +87,8 @@ def test_token_kd_loss_is_zero_on_the_teacher_and_masks_padding():
     s = t.clone()
     s[0, 4] = 100.0  # a padded position: no effect
     assert token_kd_loss(s, t, labels, mask, 2.0, 0.5).item() == pytest.approx(
-        token_kd_loss(t, t, labels, mask, 2.0, 0.5).item(), rel=1e-5)
+        token_kd_loss(t, t, labels, mask, 2.0, 0.5).item(), rel=1e-5
+    )
 
 
 def _jsonl(path, sentences):
@@ -97,21 +105,56 @@ def test_tiny_token_student_trains_saves_and_loads(tmp_path):
     dev = _jsonl(tmp_path / "dev.jsonl", conll[48:64])
     teacher = _tiny_bert_dir(tmp_path / "teacher", token_head=False)
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({
-        "threads": 1, "progress": False, "data": {"max_len": 48},
-        "teacher": {"epochs": 1, "batch_size": 16},
-        "student": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "max_position": 48},
-        "distill": {"stage1_epochs": 1, "stage2_epochs": 2, "batch_size": 16, "batch_size_stage2": 16},
-        "ablation": {"enabled": False}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "threads": 1,
+                "progress": False,
+                "data": {"max_len": 48},
+                "teacher": {"epochs": 1, "batch_size": 16},
+                "student": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_layers": 2,
+                    "num_heads": 2,
+                    "max_position": 48,
+                },
+                "distill": {"stage1_epochs": 1, "stage2_epochs": 2, "batch_size": 16, "batch_size_stage2": 16},
+                "ablation": {"enabled": False},
+            }
+        )
+    )
     out = tmp_path / "model"
-    argv = ["--config", str(cfg), "--train", str(train), "--dev", str(dev), "--test", str(dev), "--out", str(out),
-            "--teacher", str(teacher), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+    argv = [
+        "--config",
+        str(cfg),
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--test",
+        str(dev),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert {"config.json", "model.safetensors", "metrics.json", "tokenizer.json", "vocab.txt"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("teacher_dev_f1", "teacher_test_f1", "tiny_exact_dev_f1", "tiny_exact_test_f1",
-                "he_friendly_dev_f1", "he_friendly_test_f1"):
+    for key in (
+        "teacher_dev_f1",
+        "teacher_test_f1",
+        "tiny_exact_dev_f1",
+        "tiny_exact_test_f1",
+        "he_friendly_dev_f1",
+        "he_friendly_test_f1",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     model = HEFriendlyBert.from_pretrained(out)
     tags = tag_names(conll[:48])
@@ -130,6 +173,38 @@ def test_unknown_dev_tag_fails_with_its_line(tmp_path, capsys):
     train = _jsonl(tmp_path / "train.jsonl", [TokenExample(("Ann",), ("B-PER",)), TokenExample(("x",), ("O",))])
     dev = tmp_path / "dev.txt"
     dev.write_text("Ann B-PER\n\nAcme B-ORG\n")
-    assert main(["--train", str(train), "--dev", str(dev), "--out", str(tmp_path / "o"),
-                 "--work-dir", str(tmp_path / "w")]) == 2
+    assert (
+        main(
+            ["--train", str(train), "--dev", str(dev), "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")]
+        )
+        == 2
+    )
     assert "dev.txt:3: unknown tag 'B-ORG'" in capsys.readouterr().err
+
+
+def test_shipped_conll_model_is_complete_and_reproduces_its_dev_f1():
+    """models/he-bert-tiny-conll: HF layout, named BIO labels, HE-friendly, <= 20 MB, and its dev F1."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from distill.tokens import evaluate
+    from he_models.model import HEFriendlyBert
+
+    shipped = Path(__file__).resolve().parent.parent / "models" / "he-bert-tiny-conll"
+    files = {p.name for p in shipped.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "metrics.json"} <= files
+    assert sum(p.stat().st_size for p in shipped.iterdir()) <= 20 * 2**20
+    saved = json.loads((shipped / "config.json").read_text())
+    assert saved["task"] == "token-classification" and saved["id2label"] == {str(i): t for i, t in enumerate(TAGS)}
+    model = HEFriendlyBert.from_pretrained(shipped)
+    assert model.config.is_he_friendly() and model.config.labels == TAGS
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    for key in ("teacher", "tiny_exact", "he_friendly"):
+        for split in ("dev", "test"):
+            assert 0 < metrics[f"{key}_{split}_f1"] <= 1
+    tok = AutoTokenizer.from_pretrained(str(shipped), local_files_only=True)
+    dev = encode_tokens(tok, load_conll2003("dev"), {t: i for i, t in enumerate(TAGS)}, metrics["max_len"])
+    model.eval()
+    scores = evaluate(lambda ids, mask: model(ids, mask).logits, dev, TAGS)
+    assert scores["f1"] == pytest.approx(metrics["he_friendly_dev_f1"], abs=2e-3)
