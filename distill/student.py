@@ -12,7 +12,6 @@ Stage 2: temperature-scaled KL to the teacher's cached logits plus cross entropy
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -189,7 +188,12 @@ class Optimizers:
 
 
 class StudentRun:
-    """One student trained through stage 1 and stage 2, checkpointed each epoch under `directory`."""
+    """One student trained through stage 1 and stage 2, checkpointed each epoch under `directory`.
+
+    Subclasses change the task by overriding stage2_data, labelled, stage2_loss and dev_score.
+    """
+
+    dev_key = "dev_accuracy"  # the history field that holds dev_score
 
     def __init__(self, name: str, model: HEFriendlyBert, directory: Path, device: torch.device, *,
                  seed: int, progress: bool = True, log=print) -> None:
@@ -219,133 +223,164 @@ class StudentRun:
     def train(self, *, train: Encoded, train_logits: torch.Tensor, aug: Encoded | None,
               aug_logits: torch.Tensor | None, hidden_cache, dev: Encoded | None, dcfg: dict,
               stage1_epochs: int, stage2_epochs: int, use_kd: bool = True) -> dict:
-        from tqdm.auto import tqdm
-
-        state = self._load()
-        done_stage1 = 0
-        done_stage2 = 0
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.history, self.seconds = state["history"], state["seconds"]
-            if state["stage"] == "stage1":
-                done_stage1 = state["epoch"]
-            else:
-                done_stage1, done_stage2 = stage1_epochs, state["epoch"]
-            self.log(f"{self.name}: resumed after {state['stage']} epoch {state['epoch']}")
-        bs = dcfg["batch_size"]
-        device = self.device
+        """Stage 1 (if a hidden cache is given), then stage 2; resumes from the last checkpoint."""
         from distill.batching import ThreadGovernor
 
+        state = self._load()
+        done_stage1, done_stage2 = self._resume(state, stage1_epochs)
         governor = ThreadGovernor(self.threads)
-        # ---- stage 1 -----------------------------------------------------------------------
         if stage1_epochs > 0 and hidden_cache is not None and done_stage1 < stage1_epochs:
-            d_t = hidden_cache.hidden.shape[-1]
-            proj = Projections(len(hidden_cache.layer_map) + 1, self.model.config.hidden_size, d_t).to(device)
-            opt = Optimizers(self.model, list(proj.parameters()), lr=dcfg["lr_stage1"])
-            if state is not None and state["stage"] == "stage1":
-                proj.load_state_dict(state["proj"])
-                opt.load_state_dict(state["opt"])
-            lengths = [len(x) for x in train.ids]
-            for epoch in range(done_stage1, stage1_epochs):
-                self.model.train()
-                t0 = time.time()
-                batches = bucketed_batches(lengths, bs, seed=self.seed * 1000 + epoch)
-                tot = {"loss": 0.0, "hidden": 0.0, "attn": 0.0}
-                bar = tqdm(batches, desc=f"{self.name} stage1 {epoch + 1}/{stage1_epochs}",
-                           disable=not self.progress, leave=False)
-                for step, b in enumerate(bar):
-                    torch.manual_seed(self.seed * 7919 + epoch * 100003 + step)
-                    ids, mask = pad([train.ids[i] for i in b])
-                    t_h, t_a = hidden_cache.batch(b, ids.shape[1])
-                    ids, mask, t_h, t_a = ids.to(device), mask.to(device), t_h.to(device), t_a.to(device)
-                    out = self.model(ids, mask)
-                    loss, parts = stage1_loss(out, proj, t_h, t_a, mask, dcfg["hidden_weight"],
-                                              dcfg["attn_weight"])
-                    pen = range_penalty(self.model, dcfg.get("softmax_score_bound", 0),
-                                        dcfg.get("gelu_input_bound", 0))
-                    if pen is not None:
-                        loss = loss + dcfg.get("range_penalty_weight", 1.0) * pen
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    governor.step()
-                    tot["loss"] += loss.item()
-                    tot["hidden"] += parts["hidden"]
-                    tot["attn"] += parts["attn"]
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
-                self.seconds += time.time() - t0
-                rec = {"stage": 1, "epoch": epoch + 1, **{k: v / len(batches) for k, v in tot.items()}}
-                self.history.append(rec)
-                self.log(f"{self.name}: stage1 epoch {epoch + 1} loss {rec['loss']:.4f} "
-                         f"(hidden {rec['hidden']:.4f}, attn {rec['attn']:.4f})")
-                self._save("stage1", epoch + 1, opt, proj)
-        # ---- stage 2 -----------------------------------------------------------------------
+            self._stage1(train, hidden_cache, dcfg, range(done_stage1, stage1_epochs), state, governor)
         if stage2_epochs > 0 and done_stage2 < stage2_epochs:
-            ids_all = list(train.ids) + (list(aug.ids) if aug is not None else [])
-            t_logits = torch.cat([train_logits] + ([aug_logits] if aug is not None else []))
-            labels = torch.tensor(list(train.labels) + [-1] * (len(aug) if aug is not None else 0))
-            lengths = [len(x) for x in ids_all]
-            bs = dcfg.get("batch_size_stage2") or dcfg["batch_size"]
-            steps_per_epoch = math.ceil((len(ids_all) if use_kd else len(train)) / bs)
-            total = steps_per_epoch * stage2_epochs
-            opt = Optimizers(self.model, [], lr=dcfg["lr_stage2"])
-            warm = max(1, total // 20)
-
-            def lr_factor(s: int) -> float:
-                return min((s + 1) / warm, max(0.02, (total - s) / max(1, total - warm)))
-
-            gstep = done_stage2 * steps_per_epoch
-            if state is not None and state["stage"] == "stage2":
-                opt.load_state_dict(state["opt"])
-            best = state["extra"].get("best", -1.0) if state is not None and state["stage"] == "stage2" else -1.0
-            best_state = None
-            if state is not None and state["stage"] == "stage2" and (self.dir / "best.pt").exists():
-                best_state = torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False)
-            alpha = dcfg["alpha"] if use_kd else 0.0
-            for epoch in range(done_stage2, stage2_epochs):
-                self.model.train()
-                t0 = time.time()
-                order = bucketed_batches(lengths, bs, seed=self.seed * 1000 + 500 + epoch)
-                if not use_kd:  # task loss only: augmented sentences have no label, skip them
-                    order = [[i for i in b if labels[i] >= 0] for b in order]
-                    order = [b for b in order if b]
-                tot = 0.0
-                bar = tqdm(order, desc=f"{self.name} stage2 {epoch + 1}/{stage2_epochs}",
-                           disable=not self.progress, leave=False)
-                for step, b in enumerate(bar):
-                    torch.manual_seed(self.seed * 7919 + (epoch + 50) * 100003 + step)
-                    ids, mask = pad([ids_all[i] for i in b])
-                    y = labels[b]
-                    out = self.model(ids.to(device), mask.to(device))
-                    loss = kd_loss(out.logits, t_logits[b].to(device), y.clamp_min(0).to(device),
-                                   (y >= 0).to(device), dcfg["temperature"], alpha)
-                    pen = range_penalty(self.model, dcfg.get("softmax_score_bound", 0),
-                                        dcfg.get("gelu_input_bound", 0))
-                    if pen is not None:
-                        loss = loss + dcfg.get("range_penalty_weight", 1.0) * pen
-                    opt.set_lr_factor(lr_factor(gstep))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    governor.step()
-                    gstep += 1
-                    tot += loss.item()
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
-                self.seconds += time.time() - t0
-                rec = {"stage": 2, "epoch": epoch + 1, "loss": tot / max(1, len(order))}
-                if dev is not None:
-                    rec["dev_accuracy"] = accuracy(predict(self.model, dev, device), dev.labels)
-                    if rec["dev_accuracy"] > best:
-                        best = rec["dev_accuracy"]
-                        best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                        torch.save(best_state, self.dir / "best.pt")
-                self.history.append(rec)
-                self.log(f"{self.name}: stage2 epoch {epoch + 1} loss {rec['loss']:.4f}"
-                         + (f" dev {rec['dev_accuracy']:.4f}" if dev is not None else ""))
-                self._save("stage2", epoch + 1, opt, extra={"best": best})
-            if best_state is not None:
-                self.model.load_state_dict(best_state)
+            data = self.stage2_data(train, train_logits, aug, aug_logits)
+            self._stage2(data, dev, dcfg, done_stage2, stage2_epochs, state, governor, use_kd)
         elif (self.dir / "best.pt").exists():
             self.model.load_state_dict(torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False))
         torch.set_num_threads(self.threads)
         return {"history": self.history, "seconds": self.seconds}
+
+    def _resume(self, state: dict | None, stage1_epochs: int) -> tuple[int, int]:
+        """Load a checkpoint's weights and history; (stage-1 epochs done, stage-2 epochs done)."""
+        if state is None:
+            return 0, 0
+        self.model.load_state_dict(state["model"])
+        self.history, self.seconds = state["history"], state["seconds"]
+        self.log(f"{self.name}: resumed after {state['stage']} epoch {state['epoch']}")
+        if state["stage"] == "stage1":
+            return state["epoch"], 0
+        return stage1_epochs, state["epoch"]
+
+    def _penalised(self, loss: torch.Tensor, dcfg: dict) -> torch.Tensor:
+        pen = range_penalty(self.model, dcfg.get("softmax_score_bound", 0), dcfg.get("gelu_input_bound", 0))
+        return loss if pen is None else loss + dcfg.get("range_penalty_weight", 1.0) * pen
+
+    # -- stage 1 -------------------------------------------------------------------------------
+    def _stage1(self, train: Encoded, hidden_cache, dcfg: dict, epochs: range, state: dict | None,
+                governor) -> None:
+        d_t = hidden_cache.hidden.shape[-1]
+        proj = Projections(len(hidden_cache.layer_map) + 1, self.model.config.hidden_size, d_t).to(self.device)
+        opt = Optimizers(self.model, list(proj.parameters()), lr=dcfg["lr_stage1"])
+        if state is not None and state["stage"] == "stage1":
+            proj.load_state_dict(state["proj"])
+            opt.load_state_dict(state["opt"])
+        for epoch in epochs:
+            t0 = time.time()
+            tot, n_batches = self._stage1_epoch(train, hidden_cache, dcfg, epoch, epochs.stop, proj, opt, governor)
+            self.seconds += time.time() - t0
+            rec = {"stage": 1, "epoch": epoch + 1, **{k: v / n_batches for k, v in tot.items()}}
+            self.history.append(rec)
+            self.log(f"{self.name}: stage1 epoch {epoch + 1} loss {rec['loss']:.4f} "
+                     f"(hidden {rec['hidden']:.4f}, attn {rec['attn']:.4f})")
+            self._save("stage1", epoch + 1, opt, proj)
+
+    def _stage1_epoch(self, train: Encoded, hidden_cache, dcfg: dict, epoch: int, n_epochs: int,
+                      proj: Projections, opt: Optimizers, governor) -> tuple[dict, int]:
+        from tqdm.auto import tqdm
+
+        device = self.device
+        self.model.train()
+        batches = bucketed_batches([len(x) for x in train.ids], dcfg["batch_size"], seed=self.seed * 1000 + epoch)
+        tot = {"loss": 0.0, "hidden": 0.0, "attn": 0.0}
+        bar = tqdm(batches, desc=f"{self.name} stage1 {epoch + 1}/{n_epochs}", disable=not self.progress,
+                   leave=False)
+        for step, b in enumerate(bar):
+            torch.manual_seed(self.seed * 7919 + epoch * 100003 + step)
+            ids, mask = pad([train.ids[i] for i in b])
+            t_h, t_a = hidden_cache.batch(b, ids.shape[1])
+            ids, mask, t_h, t_a = ids.to(device), mask.to(device), t_h.to(device), t_a.to(device)
+            out = self.model(ids, mask)
+            loss, parts = stage1_loss(out, proj, t_h, t_a, mask, dcfg["hidden_weight"], dcfg["attn_weight"])
+            loss = self._penalised(loss, dcfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            governor.step()
+            tot["loss"] += loss.item()
+            tot["hidden"] += parts["hidden"]
+            tot["attn"] += parts["attn"]
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        return tot, len(batches)
+
+    # -- stage 2 -------------------------------------------------------------------------------
+    def stage2_data(self, train: Encoded, train_logits: torch.Tensor, aug: Encoded | None,
+                    aug_logits: torch.Tensor | None) -> dict:
+        """Sentences (training + augmented), the teacher's logits and labels (-1: no label)."""
+        return {"ids": list(train.ids) + (list(aug.ids) if aug is not None else []),
+                "t_logits": torch.cat([train_logits] + ([aug_logits] if aug is not None else [])),
+                "labels": torch.tensor(list(train.labels) + [-1] * (len(aug) if aug is not None else 0)),
+                "n_train": len(train)}
+
+    def labelled(self, data: dict, i: int) -> bool:
+        return bool(data["labels"][i] >= 0)
+
+    def stage2_loss(self, out, data: dict, b: list[int], ids: torch.Tensor, dcfg: dict, alpha: float):
+        y = data["labels"][b]
+        return kd_loss(out.logits, data["t_logits"][b].to(self.device), y.clamp_min(0).to(self.device),
+                       (y >= 0).to(self.device), dcfg["temperature"], alpha)
+
+    def dev_score(self, dev) -> float:
+        """The number that picks the best stage-2 epoch (here accuracy; higher is better)."""
+        return accuracy(predict(self.model, dev, self.device), dev.labels)
+
+    def _stage2(self, data: dict, dev, dcfg: dict, done: int, epochs: int, state: dict | None, governor,
+                use_kd: bool) -> None:
+        bs = dcfg.get("batch_size_stage2") or dcfg["batch_size"]
+        steps_per_epoch = math.ceil((len(data["ids"]) if use_kd else data["n_train"]) / bs)
+        total = steps_per_epoch * epochs
+        opt = Optimizers(self.model, [], lr=dcfg["lr_stage2"])
+        warm = max(1, total // 20)
+        resumed = state is not None and state["stage"] == "stage2"
+        if resumed:
+            opt.load_state_dict(state["opt"])
+        best = state["extra"].get("best", -1.0) if resumed else -1.0
+        best_state = None
+        if resumed and (self.dir / "best.pt").exists():
+            best_state = torch.load(self.dir / "best.pt", map_location="cpu", weights_only=False)
+        sched = {"gstep": done * steps_per_epoch, "warm": warm, "total": total}
+        for epoch in range(done, epochs):
+            t0 = time.time()
+            loss = self._stage2_epoch(data, dcfg, epoch, epochs, bs, opt, sched, governor, use_kd)
+            self.seconds += time.time() - t0
+            rec: dict = {"stage": 2, "epoch": epoch + 1, "loss": loss}
+            if dev is not None:
+                score = rec[self.dev_key] = self.dev_score(dev)
+                if score > best:
+                    best = score
+                    best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                    torch.save(best_state, self.dir / "best.pt")
+            self.history.append(rec)
+            self.log(f"{self.name}: stage2 epoch {epoch + 1} loss {rec['loss']:.4f}"
+                     + (f" dev {rec[self.dev_key]:.4f}" if dev is not None else ""))
+            self._save("stage2", epoch + 1, opt, extra={"best": best})
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+
+    def _stage2_epoch(self, data: dict, dcfg: dict, epoch: int, n_epochs: int, bs: int, opt: Optimizers,
+                      sched: dict, governor, use_kd: bool) -> float:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        order = bucketed_batches([len(x) for x in data["ids"]], bs, seed=self.seed * 1000 + 500 + epoch)
+        if not use_kd:  # task loss only: augmented sentences have no label, skip them
+            order = [[i for i in b if self.labelled(data, i)] for b in order]
+            order = [b for b in order if b]
+        alpha = dcfg["alpha"] if use_kd else 0.0
+        warm, total = sched["warm"], sched["total"]
+        tot = 0.0
+        bar = tqdm(order, desc=f"{self.name} stage2 {epoch + 1}/{n_epochs}", disable=not self.progress,
+                   leave=False)
+        for step, b in enumerate(bar):
+            torch.manual_seed(self.seed * 7919 + (epoch + 50) * 100003 + step)
+            ids, mask = pad([data["ids"][i] for i in b])
+            out = self.model(ids.to(self.device), mask.to(self.device))
+            loss = self._penalised(self.stage2_loss(out, data, b, ids, dcfg, alpha), dcfg)
+            s = sched["gstep"]
+            opt.set_lr_factor(min((s + 1) / warm, max(0.02, (total - s) / max(1, total - warm))))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            governor.step()
+            sched["gstep"] += 1
+            tot += loss.item()
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        return tot / max(1, len(order))

@@ -163,6 +163,22 @@ def predict_logits(teacher: Teacher, data, batch_size: int, device: torch.device
     return out
 
 
+def adamw_linear(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: float):
+    """AdamW (no decay on biases and norms) with linear warm-up over `warmup` of the steps, then linear decay."""
+    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
+    params = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+         "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)],
+         "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(params, lr=lr)
+    warm = max(1, int(warmup * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    return opt, sched
+
+
 def finetune_teacher(teacher: Teacher, train, dev, *, epochs: float, lr: float, batch_size: int,
                      device: torch.device, seed: int, ckpt_dir: Path, warmup: float = 0.1,
                      weight_decay: float = 0.01, progress: bool = True, log=print) -> dict:
@@ -182,17 +198,7 @@ def finetune_teacher(teacher: Teacher, train, dev, *, epochs: float, lr: float, 
     lengths = [len(x) for x in train.ids]
     steps_per_epoch = (len(train) + batch_size - 1) // batch_size
     total_steps = max(1, int(round(epochs * steps_per_epoch)))
-    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
-    params = [
-        {"params": [p for n, p in teacher.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": weight_decay},
-        {"params": [p for n, p in teacher.named_parameters() if any(k in n for k in no_decay)],
-         "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(params, lr=lr)
-    warm = max(1, int(warmup * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    opt, sched = adamw_linear(teacher, lr, weight_decay, total_steps, warmup)
     step, best, best_state, seconds = 0, -1.0, None, 0.0
     history: list[dict] = []
     if ckpt.exists():

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from cipherbert.data import Example, fingerprint, load_examples, load_sst2_dev, stratified_split
+from dp_training.labels import data_labels
 from dp_training.modules import export_state_dict, make_dp_twin, set_recorders_training, trainable_summary
 from he_models.model import HEFriendlyBert
 
@@ -320,9 +321,9 @@ def _set_threads(threads: int | None) -> None:
 
 def prepare(cfg: FinetuneConfig):
     """Data, splits, tokenizer and the starting model: shared by finetune() and the sweep."""
-    examples = load_examples(cfg.data)  # DatasetError names the file and line of a bad row
+    examples, label_plan = data_labels(cfg.data, cfg.base)  # DatasetError names the file and line of a bad row
     labels = sorted({ex.label for ex in examples})
-    num_labels = labels[-1] + 1
+    num_labels = len(label_plan.names)
     if len(labels) < 2:
         raise DPTrainingError(f"{cfg.data}: need at least two distinct labels, found {labels}")
     half = cfg.holdout / 2
@@ -331,13 +332,14 @@ def prepare(cfg: FinetuneConfig):
         raise DPTrainingError(f"{cfg.data}: too few rows ({len(examples)}) for a train/held-out split")
     base = Path(cfg.base)
     model, head_info = load_base(base, num_labels, cfg.reinit_head, cfg.seed)
+    model.config.set_labels(label_plan.names)
     max_length = min(cfg.max_length, model.config.max_position)
     tok = load_tokenizer(base, max_length)
     enc = {name: encode(part, tok, max_length, model.config.pad_token_id, model.config.vocab_size)
            for name, part in (("train", splits.train), ("dev", splits.dev), ("test", splits.test))}
     data_info = {
         "file": str(cfg.data), "rows": len(examples), "fingerprint": fingerprint(examples),
-        "num_labels": num_labels, "label_counts": {str(c): sum(ex.label == c for ex in examples) for c in labels},
+        "num_labels": num_labels, "labels": label_plan.as_dict(), "label_counts": {str(c): sum(ex.label == c for ex in examples) for c in labels},
         "split": {k: len(v) for k, v in enc.items()}, "split_seed": cfg.split_seed,
         "split_rule": "stratified by label; identical texts kept in one split (cipherbert.data.stratified_split)",
         "max_length": max_length, "truncated_rows": sum(v.truncated for v in enc.values()),

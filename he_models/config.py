@@ -15,6 +15,8 @@ GELU_CHOICES = ("exact", "quad", "fit")
 LAYERNORM_CHOICES = ("exact", "affine")
 POOLER_CHOICES = ("none", "tanh", "poly")
 POOLING_CHOICES = ("mean", "cls")
+# Hugging Face pipeline task names: one label per text (pooled head) or one label per token (no pooling).
+TASK_CHOICES = ("text-classification", "token-classification")
 
 # MPCFormer's Quad GELU: 0.125 x^2 + 0.25 x + 0.5 (coefficients lowest degree first).
 QUAD_GELU_COEFFS = (0.5, 0.25, 0.125)
@@ -48,8 +50,24 @@ class HEConfig:
     # Input range of every polynomial, recorded during training: name -> [min, max].
     ranges: dict[str, list[float]] = field(default_factory=dict)
     name: str = "he-bert-tiny"
+    task: str = "text-classification"  # text-classification (pooled) | token-classification (per token)
+    # Label names as Hugging Face records them; empty means LABEL_0, LABEL_1, ... (HF's default).
+    id2label: dict[int, str] = field(default_factory=dict)
+    label2id: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.id2label, self.label2id = normalize_label_maps(self.id2label, self.label2id, self.num_labels)
+        self.validate()
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names in id order."""
+        return [self.id2label[i] for i in range(self.num_labels)]
+
+    def set_labels(self, names: list[str]) -> None:
+        """Name the labels (and set num_labels): id2label and label2id together, so they cannot disagree."""
+        self.num_labels = len(names)
+        self.id2label, self.label2id = normalize_label_maps(dict(enumerate(names)), {}, self.num_labels)
         self.validate()
 
     @property
@@ -63,6 +81,7 @@ class HEConfig:
             ("layernorm", self.layernorm, LAYERNORM_CHOICES),
             ("pooler", self.pooler, POOLER_CHOICES),
             ("pooling", self.pooling, POOLING_CHOICES),
+            ("task", self.task, TASK_CHOICES),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -87,6 +106,8 @@ class HEConfig:
             raise ConfigError("pooler_coeffs must hold 4 coefficients (c0..c3): a cubic")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.task == "token-classification" and self.pooler != "none":
+            raise ConfigError("a token-classification model has no pooler: set pooler to 'none'")
 
     def is_he_friendly(self) -> bool:
         """True when every operation after the (client-side) embedding is polynomial or affine."""
@@ -129,6 +150,31 @@ class HEConfig:
             return cls.from_dict(data)
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def normalize_label_maps(id2label: dict, label2id: dict, num_labels: int) -> tuple[dict[int, str], dict[str, int]]:
+    """id2label with int keys 0..num_labels-1 (JSON stores them as strings, as HF's config.json does)
+    and the matching label2id; either may be given alone. Empty: HF's LABEL_i names."""
+    if not isinstance(id2label, dict) or not isinstance(label2id, dict):
+        raise ConfigError("config fields 'id2label' and 'label2id' must be JSON objects")
+    if not id2label and label2id:
+        id2label = {v: k for k, v in label2id.items()}
+    try:
+        ids = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field 'id2label' keys must be label ids 0..{num_labels - 1}") from None
+    if not ids:
+        ids = {i: f"LABEL_{i}" for i in range(num_labels)} if isinstance(num_labels, int) and num_labels > 0 else {}
+    if sorted(ids) != list(range(num_labels if isinstance(num_labels, int) else 0)):
+        raise ConfigError(
+            f"config field 'id2label' must name every label id 0..{num_labels - 1} once, got ids {sorted(ids)}"
+        )
+    if len(set(ids.values())) != len(ids):
+        raise ConfigError(f"config field 'id2label' repeats a name: {[ids[i] for i in sorted(ids)]}")
+    inverse = {name: i for i, name in ids.items()}
+    if label2id and {str(k): int(v) for k, v in label2id.items()} != inverse:
+        raise ConfigError(f"config fields 'label2id' {label2id} and 'id2label' {ids} disagree")
+    return dict(sorted(ids.items())), inverse
 
 
 def multiplicative_depth(config: HEConfig) -> dict[str, int]:

@@ -105,7 +105,7 @@ def fit_gelu(lo: float, hi: float, degree: int = 2, samples: torch.Tensor | None
     else:
         x = torch.linspace(lo, hi, 2001, dtype=torch.float64)
     y = F.gelu(x)
-    vander = torch.stack([x ** k for k in range(degree + 1)], 1)
+    vander = torch.stack([x**k for k in range(degree + 1)], 1)
     coeffs = torch.linalg.lstsq(vander, y[:, None]).solution[:, 0]
     return [float(c) for c in coeffs]
 
@@ -150,7 +150,7 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(h, h)
         self.dropout = nn.Dropout(config.dropout)
         # Per-head normaliser of 2quad_fixed: A = (s + c)^2 / (n * z), z = exp(log_z) > 0.
-        self.log_z = nn.Parameter(torch.full((config.num_heads,), math.log(config.softmax_c ** 2)))
+        self.log_z = nn.Parameter(torch.full((config.num_heads,), math.log(config.softmax_c**2)))
         self.recorder = RangeRecorder()
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,8 +252,7 @@ class HEFriendlyBert(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.config.max_position:
-            raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens exceeds max_position {self.config.max_position}")
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_position {self.config.max_position}")
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         x = self.embeddings(input_ids)
@@ -270,6 +269,9 @@ class HEFriendlyBert(nn.Module):
         return ModelOutput(logits=logits, hidden_states=tuple(hidden), attentions=tuple(attentions))
 
     def head(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, labels) logits of the pooled text, or (batch, n, labels) per token for token-classification."""
+        if self.config.task == "token-classification":
+            return self.classifier(x)
         mask = attention_mask.to(x.dtype)
         if self.config.pooling == "mean":
             pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
@@ -315,6 +317,7 @@ class HEFriendlyBert(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(
-                f"{weights}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+                f"{weights}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         model.eval()
         return model

@@ -205,15 +205,16 @@ def test_missing_config_file(tmp_path, capsys):
 def test_bad_dataset_file_fails_with_clear_message(tmp_path, capsys):
     from distill.__main__ import main
 
-    bad = tmp_path / "train.csv"
-    bad.write_text("text,label\ngood movie,1\nbad movie,not-a-number\n")
-    dev = tmp_path / "dev.csv"
-    dev.write_text("text,label\nfine,1\n")
-    cfg = _write(tmp_path, {"data": {"task": "files", "train": str(bad), "dev": str(dev), "sst2_dev": False},
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngood movie,pos\nbad movie,neg\n")
+    bad = tmp_path / "dev.csv"
+    bad.write_text("text,label\nfine,pos\nmeh,neutral\n")
+    cfg = _write(tmp_path, {"data": {"task": "files", "train": str(train), "dev": str(bad), "sst2_dev": False},
                             "work_dir": str(tmp_path / "w"), "output_dir": str(tmp_path / "o")})
     assert main(["--config", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "train.csv:3" in err and "not-a-number" in err
+    assert "dev.csv:3: unknown label 'neutral'" in err and "['neg', 'pos']" in err
+    dev = train
     nocol = tmp_path / "nocol.csv"
     nocol.write_text("sentence_text,y\nhello,1\n")
     cfg = _write(tmp_path, {"data": {"task": "files", "train": str(nocol), "dev": str(dev), "sst2_dev": False},
@@ -264,3 +265,57 @@ def test_teacher_loader_accepts_hf_sequence_classification_checkpoint(tmp_path):
     with torch.no_grad():
         out = teacher(enc["input_ids"], enc["attention_mask"], output_hidden=True)
     assert out["logits"].shape == (1, 2) and len(out["attentions"]) == 2
+
+
+def _trec_files(tmp_path, per_class_train: int, per_class_dev: int):
+    """Small TREC question files with string labels (NUM, LOC, ...), as a user would bring them."""
+    import csv
+
+    from cipherbert.data import load_trec_questions
+
+    by_label: dict[str, list[str]] = {}
+    for text, label in load_trec_questions():
+        by_label.setdefault(label, []).append(text)
+    paths = {}
+    for split, lo, hi in (("train", 0, per_class_train), ("dev", per_class_train, per_class_train + per_class_dev)):
+        path = tmp_path / f"{split}.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            for label, texts in sorted(by_label.items()):
+                w.writerows([t, label] for t in texts[lo:hi])
+        paths[split] = path
+    return paths
+
+
+def test_distill_without_config_uses_the_shipped_settings(tmp_path):
+    from distill.__main__ import SHIPPED_CONFIG, build_parser, config_from_args
+
+    paths = _trec_files(tmp_path, 2, 1)
+    args = build_parser().parse_args(["--train", str(paths["train"]), "--dev", str(paths["dev"]),
+                                      "--out", str(tmp_path / "trec"), "--teacher", "/some/hf/dir"])
+    cfg = config_from_args(args)
+    shipped = json.loads(SHIPPED_CONFIG.read_text())
+    assert cfg["data"]["task"] == "files" and cfg["data"]["train"] == str(paths["train"])
+    assert cfg["student"] == {**cfg["student"], **shipped["student"]}
+    assert cfg["distill"]["stage1_epochs"] == shipped["distill"]["stage1_epochs"]
+    assert cfg["output_dir"] == str(tmp_path / "trec") and cfg["work_dir"] == str(tmp_path / "trec.work")
+    assert cfg["teacher"]["path"] == "/some/hf/dir" and cfg["name"] == "trec"
+    with pytest.raises(Exception, match="--train, --dev and --out"):
+        config_from_args(build_parser().parse_args(["--train", str(paths["train"])]))
+
+
+def test_multiclass_string_labels_are_named_in_config_json(tmp_path):
+    """TREC's 6 coarse classes by name through `cipherbert distill` (tiny sizes via --config)."""
+    from distill.__main__ import main
+    from he_models.model import HEFriendlyBert
+
+    paths = _trec_files(tmp_path, 8, 3)
+    out = tmp_path / "trec"
+    assert main(["--config", str(TINY), "--train", str(paths["train"]), "--dev", str(paths["dev"]),
+                 "--out", str(out), "--work-dir", str(tmp_path / "work"), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert config["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert config["label2id"] == {n: i for i, n in enumerate(names)} and config["num_labels"] == 6
+    assert HEFriendlyBert.from_pretrained(out).config.labels == names

@@ -214,3 +214,50 @@ def test_shipped_model_reproduces_its_dev_accuracy():
 
 def cfg_max(model) -> int:
     return model.config.max_position
+
+
+# ---- label names and the per-token head -----------------------------------------------------------
+
+def test_label_map_round_trips_through_config_json(tmp_path):
+    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    model = HEFriendlyBert(small_config(num_labels=6, id2label=dict(enumerate(names))))
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["id2label"] == {str(i): n for i, n in enumerate(names)}  # JSON keys are strings, as in HF
+    assert raw["label2id"] == {n: i for i, n in enumerate(names)}
+    again = HEFriendlyBert.from_pretrained(tmp_path).config
+    assert again.id2label == dict(enumerate(names)) and again.labels == names and again == model.config
+
+
+def test_label_maps_default_to_hf_names_and_must_agree():
+    assert small_config(num_labels=3).labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert small_config(num_labels=2, label2id={"neg": 0, "pos": 1}).id2label == {0: "neg", 1: "pos"}
+    with pytest.raises(ConfigError, match="disagree"):
+        small_config(num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 1, "pos": 0})
+    with pytest.raises(ConfigError, match="every label id"):
+        small_config(num_labels=3, id2label={0: "a", 1: "b"})
+    with pytest.raises(ConfigError, match="repeats a name"):
+        small_config(num_labels=2, id2label={0: "a", 1: "a"})
+
+
+def test_shipped_sentiment_model_names_its_labels():
+    cfg = HEConfig.load(SHIPPED)
+    assert cfg.labels == ["negative", "positive"] and cfg.task == "text-classification"
+
+
+def test_token_classification_head_gives_one_row_per_token(tmp_path):
+    cfg = small_config(num_labels=5, task="token-classification")
+    model = HEFriendlyBert(cfg).eval()
+    ids = torch.randint(5, 200, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    out = model(ids, mask)
+    assert out.logits.shape == (3, 9, 5)
+    # no pooling: a token's logits depend on the others only through attention, so a padded row matches
+    # the same sentence alone on its valid tokens
+    alone = model(ids[1:2, :6], torch.ones(1, 6, dtype=torch.long)).logits
+    torch.testing.assert_close(out.logits[1, :6], alone[0], atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    assert HEFriendlyBert.from_pretrained(tmp_path).config.task == "token-classification"
+    with pytest.raises(ConfigError, match="no pooler"):
+        small_config(task="token-classification", pooler="tanh")
