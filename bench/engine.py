@@ -120,7 +120,7 @@ def engine_projections(engine: EncryptedEngine, keys: ClientKeys, ctx, x: np.nda
     from he_models.ckks import load_ciphertext
 
     geo = engine.geometry(x.shape[0])
-    maps = engine._layer_maps()[0]
+    maps = engine.layer_maps()[0]
     be = engine.backend
     times = []
     for _ in range(reps):
@@ -146,8 +146,7 @@ def mask_tradeoff(engine: EncryptedEngine, keys: ClientKeys, ctx, embedder: Embe
     texts = [ex.text for ex in load_sst2_dev()[:sentences]]
     rows = []
     for bits in bits_list:
-        engine.plan.mask_bits = bits
-        engine.mask_limits = engine._mask_limits()
+        engine.set_mask_bits(bits)
         errors = []
         for i, text in enumerate(texts):
             emb = embedder.embed(text)

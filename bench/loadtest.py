@@ -110,8 +110,8 @@ def client_main(index: int, urls: list[str], api_key: str, model: str, cache_dir
 
 
 def run(args) -> dict:
-    from clients.sdk import Client
     from cipherbert.data import load_sst2_dev
+    from clients.sdk import Client
 
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="cipherbert-load-")

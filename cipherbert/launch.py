@@ -60,8 +60,10 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path, ok=(2
     last = None
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered:\n"
-                               f"{log.read_text()[-3000:] if log.exists() else ''}")
+            raise RuntimeError(
+                f"process exited ({proc.returncode}) before {url} answered:\n"
+                f"{log.read_text()[-3000:] if log.exists() else ''}"
+            )
         try:
             r = httpx.get(url, timeout=2.0)
             if r.status_code in ok:
@@ -70,20 +72,45 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path, ok=(2
         except httpx.HTTPError as exc:
             last = repr(exc)
         time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last}):\n"
-                       f"{log.read_text()[-3000:] if log.exists() else ''}")
+    raise TimeoutError(
+        f"{url} not ready after {timeout}s (last: {last}):\n{log.read_text()[-3000:] if log.exists() else ''}"
+    )
 
 
-def start_server(workdir: Path, *, api_keys: str, models_dir: Path | None = None, engine: str | None = None,
-                 workers: int = 1, port: int | None = None, data_dir: Path | None = None,
-                 replica_id: str | None = None, env: dict | None = None, ready_timeout: float = 180.0,
-                 models: list[str] | None = None) -> Proc:
+def start_server(
+    workdir: Path,
+    *,
+    api_keys: str,
+    models_dir: Path | None = None,
+    engine: str | None = None,
+    workers: int = 1,
+    port: int | None = None,
+    data_dir: Path | None = None,
+    replica_id: str | None = None,
+    env: dict | None = None,
+    ready_timeout: float = 180.0,
+    models: list[str] | None = None,
+) -> Proc:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or workdir / f"data-{port}"
     log = workdir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "cipherbert.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cipherbert.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
     if models_dir:
         cmd += ["--models-dir", str(models_dir)]
     for m in models or []:
@@ -94,8 +121,9 @@ def start_server(workdir: Path, *, api_keys: str, models_dir: Path | None = None
         cmd += ["--replica-id", replica_id]
     full_env = {**os.environ, "CIPHERBERT_API_KEYS": api_keys, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "ab") as fh:
-        popen = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        popen = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     proc = Proc(popen, url, log, {"data_dir": data_dir, "port": port})
     try:
@@ -110,15 +138,26 @@ def have(binary: str) -> bool:
     return shutil.which(binary) is not None or Path(f"/usr/sbin/{binary}").exists()
 
 
-def start_redis(workdir: Path) -> Proc:
-    port = free_port()
+def start_redis(workdir: Path, *, port: int | None = None, durable: bool = False) -> Proc:
+    """redis-server on loopback. durable=True: append-only file with fsync on every write (what a
+    deployment that must not lose round state runs), so a restart on the same port and directory
+    (`restart_redis`) comes back with every acknowledged write."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"redis-{port}.log"
     exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "always", "--appendfilename", f"cb-{port}.aof"]
+        if durable
+        else ["--appendonly", "no"]
+    )
     with open(log, "ab") as fh:
-        popen = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                  "--appendonly", "no", "--dir", str(workdir)],
-                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", str(workdir)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     import redis
 
     url = f"redis://127.0.0.1:{port}/0"
@@ -130,9 +169,21 @@ def start_redis(workdir: Path) -> Proc:
         except redis.RedisError:
             if time.time() > deadline or popen.poll() is not None:
                 popen.kill()
-                raise RuntimeError(f"redis-server did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"redis-server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.1)
-    return Proc(popen, url, log)
+    return Proc(popen, url, log, {"port": port, "workdir": workdir, "durable": durable})
+
+
+def kill_redis(proc: Proc) -> None:
+    """kill -9: no shutdown save, no goodbye to the clients (an outage, not a maintenance stop)."""
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait(10)
+
+
+def restart_redis(proc: Proc) -> Proc:
+    """A new redis-server on the killed one's port and directory (it replays the append-only file)."""
+    return start_redis(proc.extra["workdir"], port=proc.extra["port"], durable=proc.extra["durable"])
 
 
 NGINX_TEMPLATE = """
@@ -173,8 +224,12 @@ def start_nginx(workdir: Path, upstreams: list[str]) -> Proc:
     log = prefix / "stdout.log"
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     with open(log, "ab") as fh:
-        popen = subprocess.Popen([exe, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            [exe, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", popen, 20, prefix / "error.log")
     return Proc(popen, url, log)

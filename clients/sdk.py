@@ -11,28 +11,34 @@ for the steps the model needs, keeps the secret key in a local keystore file (mo
 registers the public evaluation context, then for each sentence: tokenize + embed locally, encrypt,
 upload, answer the server's masked refresh rounds (decrypt, re-encrypt), decrypt the logits.
 
+The cryptography is the client half's (`clients.client_half.ClientHalf`): by default he_models'
+(`HEModelsClientHalf`); another engine's client half is passed in as `Client(..., client_half=...)`.
+A bundle that names a different client module is refused with a clear error, never imported.
+
 Depends on httpx, numpy, tenseal and he_models.client/wire only: never torch, never the server.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import httpx
 import numpy as np
 
+from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
+from clients.trust import BundlePins, RoundGuard, TrustError, check_security
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
 FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
-ALLOWED_CLIENT_MODULES = ("he_models.client", "tests.support.toyengine")
+DEFAULT_CLIENT_MODULE = "he_models.client"
 
 
 class CipherbertError(RuntimeError):
@@ -59,9 +65,21 @@ class Result:
     model_id: str
     replicas: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    restarts: int = 0  # inferences started again because the server could no longer resume one
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Session:
+    """What the SDK holds per model once keys exist and are registered (built once, then reused)."""
+
+    keys: KeySet
+    key_id: str
+    embedder: TextEmbedder
+    bundle: dict
+    bundle_dir: Path
 
 
 def default_home() -> Path:
@@ -80,12 +98,25 @@ def _private_dir(path: Path) -> Path:
 
 
 class Client:
-    def __init__(self, base_url: str | list[str], api_key: str, *, model: str | None = None,
-                 cache_dir: str | Path | None = None, keystore_dir: str | Path | None = None,
-                 timeout: float = 300.0, retries: int = 20, progress: Callable[[str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | list[str],
+        api_key: str,
+        *,
+        model: str | None = None,
+        cache_dir: str | Path | None = None,
+        keystore_dir: str | Path | None = None,
+        timeout: float = 300.0,
+        retries: int = 20,
+        progress: Callable[[str], None] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        client_half: ClientHalf | None = None,
+        pins_file: str | Path | None = None,
+    ) -> None:
         """`base_url` may be a list: requests then go round-robin over the URLs (client-side balancing;
-        one inference's rounds cross servers, which a replicated deployment must allow)."""
+        one inference's rounds cross servers, which a replicated deployment must allow). `client_half`
+        does the cryptography (default: he_models' client half). The first bundle seen per (server,
+        model) is pinned in `pins_file` (<cache>/known_bundles.json)."""
         self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
         if not self.base_urls:
             raise CipherbertError("no server URL given")
@@ -94,22 +125,27 @@ class Client:
         self.model = model
         self.home = Path(cache_dir) if cache_dir else default_home()
         self.keystore_dir = Path(keystore_dir) if keystore_dir else self.home / "keys"
+        self.pins = BundlePins(Path(pins_file) if pins_file else self.home / "known_bundles.json")
         self.retries = retries
+        self.client_half: ClientHalf = client_half or HEModelsClientHalf()
         self.progress = progress or (lambda msg: None)
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport,
-                                 headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"})
+        self.http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cipherbert-sdk/0.1"},
+        )
         self._bundles: dict[str, tuple[dict, Path]] = {}
         self.key_upload_bytes = 0
-        self._sessions: dict[str, tuple] = {}  # model_id -> (keys, key_id, client module, embedder)
+        self._sessions: dict[str, Session] = {}  # model_id -> keys, key id, embedder, bundle
 
     # http ----------------------------------------------------------------------------------------
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _url(self, path: str) -> str:
@@ -117,7 +153,7 @@ class Client:
         self._rr += 1
         return base + path
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One API call with retries on 429/503 (Retry-After) and on connection errors before sending."""
         for attempt in range(self.retries + 1):
             url = self._url(path)
@@ -149,8 +185,11 @@ class Client:
         except (ValueError, AttributeError):
             code, detail = None, resp.text[:200]
         hint = {401: " (check the API key)", 429: " (rate limited)", 503: " (server busy or not ready)"}
-        return CipherbertError(f"server answered {resp.status_code} {code or ''}: {detail}"
-                               f"{hint.get(resp.status_code, '')}", status=resp.status_code, code=code)
+        return CipherbertError(
+            f"server answered {resp.status_code} {code or ''}: {detail}{hint.get(resp.status_code, '')}",
+            status=resp.status_code,
+            code=code,
+        )
 
     # models and bundles --------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -170,6 +209,12 @@ class Client:
         if model in self._bundles:
             return self._bundles[model]
         bundle = self._request("GET", f"/v1/models/{model}/bundle").json()
+        try:  # before any file, key or ciphertext: the server chooses the parameters and the bundle
+            check_security(bundle.get("ckks") or {})
+            if self.pins.check(self.base_urls[0], bundle):
+                self.progress(f"pinned the bundle of {model} (model hash {str(bundle.get('model_hash'))[:16]}...)")
+        except TrustError as exc:
+            raise CipherbertError(str(exc), code=exc.code) from None
         bdir = self.home / "bundles" / bundle["model_hash"]
         bdir.mkdir(parents=True, exist_ok=True)
         for f in bundle.get("files", []):
@@ -188,12 +233,14 @@ class Client:
         self._bundles[model] = (bundle, bdir)
         return bundle, bdir
 
-    @staticmethod
-    def client_module(bundle: dict):
-        name = bundle.get("client_module", "he_models.client")
-        if name not in ALLOWED_CLIENT_MODULES:
-            raise CipherbertError(f"bundle asks for unknown client module {name!r}")
-        return importlib.import_module(name)
+    def check_client_half(self, bundle: dict) -> None:
+        """Refuse a model whose client side is not this SDK's client half (never import what it names)."""
+        name = bundle.get("client_module", DEFAULT_CLIENT_MODULE)
+        if name != self.client_half.module:
+            raise CipherbertError(
+                f"model {bundle.get('model_id')!r} needs the client half {name!r}, but this client uses "
+                f"{self.client_half.module!r}: pass a matching one as Client(..., client_half=...)"
+            )
 
     # keys ------------------------------------------------------------------------------------------
     def _keystore_paths(self, bundle: dict) -> tuple[Path, Path]:
@@ -202,31 +249,31 @@ class Client:
         stem = f"{bundle['model_id']}-{bundle['model_hash'][:16]}"
         return kdir / f"{stem}.secret", kdir / f"{stem}.json"
 
-    def _session(self, model: str | None = None):
+    def _session(self, model: str | None = None) -> Session:
         model = model or self.model_id()
         if model in self._sessions:
             return self._sessions[model]
         bundle, bdir = self.bundle(model)
-        mod = self.client_module(bundle)
+        self.check_client_half(bundle)
         secret_path, meta_path = self._keystore_paths(bundle)
         if secret_path.exists():
-            keys = mod.ClientKeys.load(secret_path)
+            keys = self.client_half.load_keys(secret_path)
         else:
             self.progress("generating CKKS keys (only the model's rotation steps; once per server and model)")
             t0 = time.perf_counter()
-            keys = mod.ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
+            keys = self.client_half.generate_keys(bundle["ckks"], bundle["galois_steps"])
             keys.public_keys_bytes()  # the Galois keys are the slow part (cached by ClientKeys)
             save_secret(keys, secret_path)
             self.progress(f"keys generated in {time.perf_counter() - t0:.1f} s")
-        key_id = None
+        key_id: str | None = None
         if meta_path.exists():
             key_id = json.loads(meta_path.read_text()).get("key_id")
             if key_id and not self._key_alive(key_id):
                 key_id = None
         if key_id is None:
             key_id = self._register(keys, bundle, meta_path)
-        embedder = _embedder(mod, bundle, bdir)
-        self._sessions[model] = (keys, key_id, mod, embedder, bundle)
+        embedder = self.client_half.embedder(bundle, bdir)
+        self._sessions[model] = Session(keys=keys, key_id=key_id, embedder=embedder, bundle=bundle, bundle_dir=bdir)
         return self._sessions[model]
 
     def _key_alive(self, key_id: str) -> bool:
@@ -238,19 +285,32 @@ class Client:
                 return False
             raise
 
-    def _register(self, keys, bundle: dict, meta_path: Path) -> str:
+    def _register(self, keys: KeySet, bundle: dict, meta_path: Path) -> str:
         public = keys.public_keys_bytes()
         self.progress(f"uploading evaluation keys ({len(public) / 1e6:.1f} MB)")
-        info = self._request("POST", "/v1/keys", params={"model": bundle["model_id"]}, content=public,
-                             headers={"Content-Type": "application/octet-stream"}).json()
-        meta_path.write_text(json.dumps({"key_id": info["key_id"], "model_id": bundle["model_id"],
-                                         "expires_at": info["expires_at"], "server": self.base_urls}))
+        info = self._request(
+            "POST",
+            "/v1/keys",
+            params={"model": bundle["model_id"]},
+            content=public,
+            headers={"Content-Type": "application/octet-stream"},
+        ).json()
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "key_id": info["key_id"],
+                    "model_id": bundle["model_id"],
+                    "expires_at": info["expires_at"],
+                    "server": self.base_urls,
+                }
+            )
+        )
         self.key_upload_bytes = len(public)
         return info["key_id"]
 
     def register_keys(self, model: str | None = None) -> str:
         """Make sure keys exist locally and are registered; return the key id."""
-        return self._session(model)[1]
+        return self._session(model).key_id
 
     def list_keys(self) -> list[dict]:
         return self._request("GET", "/v1/keys").json()["keys"]
@@ -258,24 +318,41 @@ class Client:
     def delete_key(self, key_id: str) -> None:
         self._request("DELETE", f"/v1/keys/{key_id}")
         for model, sess in list(self._sessions.items()):
-            if sess[1] == key_id:
+            if sess.key_id == key_id:
                 del self._sessions[model]
 
     # inference --------------------------------------------------------------------------------------
-    def _post_frames(self, path: str, frames: list[bytes], params: dict | None = None,
-                     headers: dict | None = None) -> tuple[dict, list[bytes], int, int, str]:
+    def _post_frames(
+        self, path: str, frames: list[bytes], params: dict | None = None, headers: dict | None = None
+    ) -> tuple[dict, list[bytes], int, int, str]:
         body = pack_frames(frames)
-        resp = self._request("POST", path, params=params, content=body,
-                             headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})})
+        resp = self._request(
+            "POST", path, params=params, content=body, headers={"Content-Type": FRAMES_MEDIA_TYPE, **(headers or {})}
+        )
         try:
-            got = unpack_frames(resp.content, max_frames=1 << 16, max_bytes=1 << 34)
+            got = unpack_frames(resp.content, max_frames=1 << 12, max_bytes=1 << 30)
             header = json.loads(got[0])
         except (WireError, ValueError, IndexError) as exc:
             raise CipherbertError(f"malformed response from the server: {exc}") from None
         return header, got[1:], len(body), len(resp.content), resp.headers.get("X-Cipherbert-Replica", "")
 
     def classify(self, text: str, model: str | None = None) -> Result:
-        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError."""
+        """Classify one text end to end (encrypt, rounds, decrypt). Raises CipherbertError.
+
+        An inference the server can no longer resume (its state expired or was lost: 404
+        unknown_inference, or 409 wrong_round for a round this client never got an answer to) is started
+        again from the beginning, once; a misbehaving server is never retried."""
+        try:
+            result = self._classify_once(text, model)
+        except CipherbertError as exc:
+            if exc.inference_id is None or exc.code not in RESTARTABLE:
+                raise
+            self.progress(f"inference {exc.inference_id} cannot be resumed ({exc.code}); starting again")
+            result = self._classify_once(text, model)
+            result.restarts = 1
+        return result
+
+    def _classify_once(self, text: str, model: str | None) -> Result:
         try:
             return self._classify(text, model)
         except CipherbertError as exc:
@@ -286,51 +363,81 @@ class Client:
             for path in self._keystore_paths(self.bundle(model)[0])[1:]:
                 path.unlink(missing_ok=True)
             return self._classify(text, model)
-        except (ValueError, KeyError) as exc:  # client-half errors: empty text, bad server data
+        except TrustError as exc:  # the server broke the protocol's order or counts
+            raise CipherbertError(f"the server misbehaved: {exc}", code=exc.code) from None
+        except ValueError as exc:
+            code = getattr(exc, "code", None)
+            if code is not None:  # he_models.client.ProtocolViolation: counts, geometry, headroom
+                raise CipherbertError(f"the server misbehaved: {exc}", code=code) from None
             raise CipherbertError(f"cannot classify this text: {exc}") from None
+        except KeyError as exc:  # client-half errors: bad server data
+            raise CipherbertError(f"cannot classify this text: {exc}") from None
+
+    def forget_bundle(self, model: str) -> None:
+        """Accept a changed bundle: drop its pin (the next use pins the new one)."""
+        self.pins.forget(self.base_urls[0], model)
+        self._bundles.pop(model, None)
+        self._sessions.pop(model, None)
 
     def _classify(self, text: str, model: str | None = None) -> Result:
         if not isinstance(text, str) or not text.strip():
             raise CipherbertError("cannot classify an empty text")
-        keys, key_id, mod, embedder, bundle = self._session(model)
+        session, half = self._session(model), self.client_half
+        keys, bundle = session.keys, session.bundle
         t0 = time.perf_counter()
-        emb = np.asarray(embedder.embed(text))
+        emb = np.asarray(session.embedder.embed(text))
         n_tokens = int(emb.shape[0])
-        frames = mod.encrypt_embeddings(keys, emb, _geometry(mod, bundle, n_tokens))
+        geo = half.geometry(bundle, n_tokens)
+        frames = half.encrypt_embeddings(keys, emb, geo)
         t_enc = time.perf_counter() - t0
         header, to_client, up, down, replica = self._post_frames(
-            "/v1/inferences", frames,
-            params={"model": bundle["model_id"], "key_id": key_id, "n_tokens": n_tokens})
+            "/v1/inferences",
+            frames,
+            params={"model": bundle["model_id"], "key_id": session.key_id, "n_tokens": n_tokens},
+        )
         replicas, rounds, t_client = [replica], 0, 0.0
         t_server = float(header.get("server_s") or 0.0)
+        guard = RoundGuard(bundle)  # order, kinds and count of the rounds, as the bundle announced them
+        guard.step(header, len(to_client))
         while not header["done"]:
             rounds += 1
             self.progress(f"round {header['round']} ({header['kind']}, {len(to_client)} ciphertexts)")
             tc = time.perf_counter()
-            replies = mod.answer_round(keys, header["kind"], header.get("meta") or {}, to_client)
+            replies = half.answer_round(keys, header["kind"], header.get("meta") or {}, to_client, geo)
             t_client += time.perf_counter() - tc
             iid, rnd = header["inference_id"], header["round"]
             try:
                 header, to_client, u, d, replica = self._post_frames(
-                    f"/v1/inferences/{iid}/rounds/{rnd}", replies,
-                    headers={ROUND_TOKEN_HEADER: header["round_token"]})
+                    f"/v1/inferences/{iid}/rounds/{rnd}", replies, headers={ROUND_TOKEN_HEADER: header["round_token"]}
+                )
             except CipherbertError as exc:  # the inference started but did not finish
                 exc.inference_id, exc.round = iid, rnd
                 raise
+            guard.step(header, len(to_client))
             up, down = up + u, down + d
             replicas.append(replica)
             t_server += float(header.get("server_s") or 0.0)
         tc = time.perf_counter()
-        logits = np.asarray(mod.decrypt_logits(keys, header.get("meta") or {}, to_client), dtype=np.float64)
+        meta = header.get("meta") or {}
+        logits = np.asarray(half.decrypt_logits(keys, meta, to_client, int(bundle["num_labels"])), dtype=np.float64)
         t_client += time.perf_counter() - tc
         probs = _softmax(logits)
         labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
         idx = int(np.argmax(logits))
-        return Result(label=str(labels[idx]) if idx < len(labels) else str(idx),
-                      probabilities=[float(p) for p in probs], logits=[float(x) for x in logits],
-                      latency_s=time.perf_counter() - t0, upload_bytes=up, download_bytes=down, rounds=rounds,
-                      n_tokens=n_tokens, inference_id=header["inference_id"], model_id=bundle["model_id"],
-                      replicas=replicas, timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server})
+        return Result(
+            label=str(labels[idx]) if idx < len(labels) else str(idx),
+            probabilities=[float(p) for p in probs],
+            logits=[float(x) for x in logits],
+            latency_s=time.perf_counter() - t0,
+            upload_bytes=up,
+            download_bytes=down,
+            rounds=rounds,
+            n_tokens=n_tokens,
+            inference_id=header["inference_id"],
+            model_id=bundle["model_id"],
+            replicas=replicas,
+            timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server},
+        )
 
     def classify_batch(self, texts: list[str], model: str | None = None, concurrency: int = 1) -> list[Result]:
         """Classify several texts; `concurrency` > 1 keeps that many inferences in flight (threads: the
@@ -345,25 +452,10 @@ class Client:
             return list(ex.map(lambda t: self.classify(t, model=model), texts))
 
 
-def _embedder(mod, bundle: dict, bundle_dir: Path):
-    if hasattr(mod, "sdk_embedder"):
-        return mod.sdk_embedder(bundle, bundle_dir)
-    from safetensors.numpy import load_file
-
-    tables = load_file(str(bundle_dir / "embeddings.safetensors"))
-    return mod.Embedder.from_files(bundle_dir / "tokenizer.json", tables, int(bundle["max_tokens"]))
+RESTARTABLE = ("unknown_inference", "wrong_round")
 
 
-def _geometry(mod, bundle: dict, n_tokens: int):
-    if hasattr(mod, "sdk_geometry"):
-        return mod.sdk_geometry(bundle, n_tokens)
-    from he_models.layout import Geometry
-
-    return Geometry.for_tokens(n_tokens, int(bundle["hidden_size"]), int(bundle["num_heads"]),
-                               int(bundle["intermediate_size"]), int(bundle["ckks"]["poly_modulus_degree"]) // 2)
-
-
-def save_secret(keys, path: Path) -> None:
+def save_secret(keys: KeySet, path: Path) -> None:
     """Write the full context (with the secret key) readable by the owner only (0600, atomic)."""
     _private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")

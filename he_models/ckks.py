@@ -54,7 +54,7 @@ class CKKSParams:
 
     @property
     def scale(self) -> float:
-        return float(2 ** self.scale_bits)
+        return float(2**self.scale_bits)
 
     def validate(self) -> None:
         n = self.poly_modulus_degree
@@ -64,7 +64,8 @@ class CKKSParams:
         if total > MAX_BITS_128[n]:
             raise CKKSError(
                 f"coefficient modulus of {total} bits exceeds {MAX_BITS_128[n]} bits, the 128-bit "
-                f"security bound for N={n}")
+                f"security bound for N={n}"
+            )
         if len(self.coeff_mod_bit_sizes) < 3:
             raise CKKSError("the modulus chain needs a base prime, one level and a special prime")
         if any(not 20 <= b <= 60 for b in self.coeff_mod_bit_sizes):
@@ -79,7 +80,7 @@ class CKKSParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CKKSParams":
+    def from_dict(cls, d: dict) -> CKKSParams:
         try:
             return cls(int(d["poly_modulus_degree"]), tuple(d["coeff_mod_bit_sizes"]), int(d["scale_bits"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -158,6 +159,7 @@ def load_ciphertext(context: seal.SEALContext, data: bytes, what: str = "ciphert
 # ---------------------------------------------------------------------------------------------
 # Evaluation keys as uploaded by a client: a small JSON header, relinearization keys, Galois keys.
 
+
 @dataclass
 class EvalKeyHeader:
     params: dict
@@ -171,8 +173,51 @@ def pack_eval_keys(params: CKKSParams, galois_steps: list[int], relin: bytes, ga
     return pack_frames([json.dumps(asdict(header)).encode(), relin, galois])
 
 
+# The key header's schema (docs/protocol.md, section 5): field -> required; anything else is refused.
+KEY_HEADER_FIELDS = {"params": True, "galois_steps": True, "format": False, "parts": False}
+CKKS_PARAM_FIELDS = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits")
+
+
+def parse_key_header(frame: bytes) -> EvalKeyHeader:
+    """The first frame of a key upload, checked field by field, so a wrong guess gets a useful answer."""
+    try:
+        raw = json.loads(frame.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise CKKSError(
+            "evaluation keys: the first frame must be a UTF-8 JSON object "
+            '{"params": <bundle ckks>, "galois_steps": [...]}'
+        ) from None
+    if not isinstance(raw, dict):
+        raise CKKSError("evaluation keys: the header must be a JSON object")
+    parts = raw.get("parts")
+    if isinstance(parts, list) and any("secret" in str(p).lower() for p in parts):
+        raise CKKSError("refused: the upload carries a secret key; only public evaluation keys may be sent")
+    unknown = sorted(set(raw) - set(KEY_HEADER_FIELDS))
+    missing = [k for k, required in KEY_HEADER_FIELDS.items() if required and k not in raw]
+    if unknown or missing:
+        raise CKKSError(
+            f"evaluation keys: header fields {sorted(raw)} refused (unknown: {unknown}, missing: "
+            f"{missing}); allowed: {list(KEY_HEADER_FIELDS)}"
+        )
+    params, steps = raw["params"], raw["galois_steps"]
+    if not isinstance(params, dict) or sorted(params) != sorted(CKKS_PARAM_FIELDS):
+        raise CKKSError(f"evaluation keys: params must hold exactly {list(CKKS_PARAM_FIELDS)} (the bundle's ckks)")
+    if (
+        not isinstance(steps, list)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps)
+        or len(set(steps)) != len(steps)
+    ):
+        raise CKKSError("evaluation keys: galois_steps must be a list of distinct integer rotation steps")
+    for name in ("format", "parts"):
+        if name in raw and not isinstance(raw[name], str if name == "format" else list):
+            raise CKKSError(f"evaluation keys: header field {name!r} has the wrong type")
+    return EvalKeyHeader(**raw)
+
+
 def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
     """Split an upload into header, relin and Galois key bytes; refuse anything carrying a secret key."""
+    if not isinstance(data, bytes | bytearray):
+        raise CKKSError(f"evaluation keys must be bytes, got {type(data).__name__}")
     if data[:4] != b"CBF1":
         _refuse_tenseal_context(data)
         raise CKKSError("evaluation keys must be a cipherbert key bundle (framed header, relin, galois)")
@@ -180,11 +225,7 @@ def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
         frames = unpack_frames(data, max_frames=8)
     except WireError as exc:
         raise CKKSError(f"evaluation keys: {exc}") from None
-    try:
-        raw = json.loads(frames[0].decode())
-        header = EvalKeyHeader(**raw)
-    except Exception:
-        raise CKKSError("evaluation keys: first frame is not a valid JSON header") from None
+    header = parse_key_header(frames[0])
     if header.format != KEYS_FORMAT:
         raise CKKSError(f"evaluation keys: unknown format {header.format!r}")
     lowered = [p.lower() for p in header.parts]
@@ -193,8 +234,21 @@ def unpack_eval_keys(data: bytes) -> tuple[EvalKeyHeader, bytes, bytes]:
     if lowered != ["relin_keys", "galois_keys"] or len(frames) != 3:
         raise CKKSError(
             f"evaluation keys must hold exactly relin_keys and galois_keys, got parts {header.parts} "
-            f"in {len(frames) - 1} frames")
+            f"in {len(frames) - 1} frames"
+        )
     return header, frames[1], frames[2]
+
+
+def _header_types_ok(header: EvalKeyHeader) -> bool:
+    """params a dict, galois_steps a list of ints, parts a list of strings, format a string."""
+    return (
+        isinstance(header.params, dict)
+        and isinstance(header.format, str)
+        and isinstance(header.galois_steps, list)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in header.galois_steps)
+        and isinstance(header.parts, list)
+        and all(isinstance(p, str) for p in header.parts)
+    )
 
 
 def _refuse_tenseal_context(data: bytes) -> None:

@@ -11,16 +11,22 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 
+from he_models import protocol_spec
 from he_models.ckks import CKKSError, CKKSParams, encode_vector, load_ciphertext, load_into, pack_eval_keys, save_bytes
 from he_models.layout import PROTOCOL, Geometry, client_context, client_scores
 from he_models.wire import pack_frames, unpack_frames
 
-EMBEDDING_TENSORS = ("embeddings.word.weight", "embeddings.position.weight",
-                     "embeddings.norm.weight", "embeddings.norm.bias")
+EMBEDDING_TENSORS = (
+    "embeddings.word.weight",
+    "embeddings.position.weight",
+    "embeddings.norm.weight",
+    "embeddings.norm.bias",
+)
 
 
 class ClientError(ValueError):
@@ -30,8 +36,13 @@ class ClientError(ValueError):
 class ClientKeys:
     """A CKKS key set owned by the client. `save` writes the secret key: keep that file private."""
 
-    def __init__(self, params: CKKSParams, galois_steps: list[int], secret_key: seal.SecretKey,
-                 context: seal.SEALContext | None = None) -> None:
+    def __init__(
+        self,
+        params: CKKSParams,
+        galois_steps: list[int],
+        secret_key: seal.SecretKey,
+        context: seal.SEALContext | None = None,
+    ) -> None:
         self.params = params
         self.galois_steps = sorted(int(s) for s in galois_steps)
         self.context = context or params.seal_context()
@@ -42,7 +53,7 @@ class ClientKeys:
         self._public: bytes | None = None
 
     @classmethod
-    def generate(cls, params: CKKSParams | dict, galois_steps: list[int]) -> "ClientKeys":
+    def generate(cls, params: CKKSParams | dict, galois_steps: list[int]) -> ClientKeys:
         if isinstance(params, dict):
             params = CKKSParams.from_dict(params)
         context = params.seal_context()
@@ -74,7 +85,7 @@ class ClientKeys:
         os.chmod(path, 0o600)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClientKeys":
+    def load(cls, path: str | Path) -> ClientKeys:
         frames = unpack_frames(Path(path).read_bytes(), max_frames=4)
         header = json.loads(frames[0])
         params = CKKSParams.from_dict(header["params"])
@@ -92,9 +103,18 @@ class ClientKeys:
             out.append(save_bytes(self.encryptor.encrypt_symmetric(pt)))
         return out
 
+    def max_ciphertext_bytes(self) -> int:
+        """The most an uncompressed two-polynomial ciphertext of these parameters can take, plus headers."""
+        return 2 * self.params.poly_modulus_degree * len(self.params.coeff_mod_bit_sizes) * 8 + 4096
+
     def decrypt(self, payloads: list[bytes]) -> list[np.ndarray]:
         out = []
+        limit = self.max_ciphertext_bytes()
         for i, data in enumerate(payloads):
+            if len(data) > limit:
+                raise ProtocolViolation(
+                    f"server ciphertext {i} has {len(data)} bytes; no ciphertext of these parameters exceeds {limit}"
+                )
             ct = load_ciphertext(self.context, data, f"server ciphertext {i}")
             pt = seal.Plaintext()
             self.decryptor.decrypt(ct, pt)
@@ -106,51 +126,112 @@ def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray, geometry: Geome
     return keys.encrypt(geometry.pack_fm(np.asarray(embeddings, dtype=np.float64)))
 
 
-def answer_round(keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes]) -> list[bytes]:
+class ProtocolViolation(ClientError):
+    """The server sent what the protocol does not allow (wrong counts, geometry, order, overflow).
+
+    Messages never carry decrypted values: they are the client's secrets even when masked."""
+
+    def __init__(self, message: str, code: str = "protocol_violation") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def answer_round(
+    keys: ClientKeys, kind: str, meta: dict, payloads: list[bytes], *, geometry: Geometry | None = None
+) -> list[bytes]:
     """Decrypt the server's masked values, compute what the round asks, re-encrypt fresh.
 
     scores:  (Q+rQ), (K+rK)        -> sigma (Q+rQ)(K+rK)^T per head, and (K+rK) token-major
     context: (A+rA), (V+rV)        -> (A+rA)(V+rV), and (A+rA) re-encrypted
     refresh: x + r                 -> x + r re-encrypted at the top level, padded slots zeroed
-    The client only ever sees masked values.
+    The client only ever sees masked values. `geometry` is the client's own packing for its sentence:
+    the server's meta must agree with it. Frame counts, the meta's tensor descriptors and the headroom
+    of every decrypted value are checked (docs/protocol.md, section 12).
     """
-    check_protocol(meta)
-    geo = Geometry.from_dict(meta["geometry"])
+    geo = check_round_meta(kind, meta, geometry)
+    expect = protocol_spec.message_frames(kind, "server", protocol_spec.env_of_geometry(geo.to_dict()))
+    if len(payloads) != expect:
+        raise ProtocolViolation(
+            f"{kind} round: the server sent {len(payloads)} ciphertexts; the protocol says {expect} for {geo.n} tokens"
+        )
     values = keys.decrypt(payloads)
+    check_headroom(keys.params, values, f"{kind} round")
     hidden = geo.hidden
     if kind == "scores":
         n_fm = geo.fm_cts(hidden)
-        if len(values) != 2 * n_fm:
-            raise ClientError(f"scores round: expected {2 * n_fm} ciphertexts, got {len(values)}")
         q = geo.unpack_fm(values[:n_fm], hidden)
         k = geo.unpack_fm(values[n_fm:], hidden)
-        s = client_scores(geo, q, k, float(meta["sigma"]))
+        s = client_scores(geo, q, k, _number(meta, "sigma"))
         return keys.encrypt(geo.pack_sl(s) + geo.pack_tm(k))
     if kind == "context":
         n_sl = geo.sl_cts
-        if len(values) != n_sl + geo.fm_cts(hidden):
-            raise ClientError("context round: unexpected number of ciphertexts")
         a = geo.unpack_sl(values[:n_sl])
         v = geo.unpack_fm(values[n_sl:], hidden)
-        product = client_context(geo, a, v) * float(meta.get("context_scale", 1.0))
+        product = client_context(geo, a, v) * _number(meta, "context_scale")
         return keys.encrypt(geo.pack_fm(product) + geo.pack_sl(a))
-    if kind == "refresh":
-        x = geo.unpack_fm(values, hidden)
-        return keys.encrypt(geo.pack_fm(x))
-    raise ClientError(f"unknown round kind {kind!r}")
+    x = geo.unpack_fm(values, hidden)
+    return keys.encrypt(geo.pack_fm(x))
+
+
+def check_round_meta(kind: str, meta: dict, geometry: Geometry | None = None) -> Geometry:
+    """The round's meta against the protocol: version, kind, geometry and its tensor descriptors."""
+    check_protocol(meta)
+    if kind not in ("scores", "context", "refresh"):
+        raise ProtocolViolation(f"unknown round kind {kind!r}")
+    try:
+        geo = Geometry.from_dict(meta["geometry"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolViolation(f"{kind} round: meta lacks a valid geometry") from None
+    if geometry is not None and geo != geometry:
+        raise ProtocolViolation(
+            f"{kind} round: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}"
+        )
+    want = protocol_spec.round_tensors(kind, geo.to_dict())
+    if meta.get("tensors") != want:  # protocol /4: every round describes itself
+        raise ProtocolViolation(
+            f"{kind} round: the server describes its tensors as {meta.get('tensors')}; the protocol says {want}"
+        )
+    return geo
+
+
+def _number(meta: dict, name: str) -> float:
+    value = meta.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        raise ProtocolViolation(f"round meta lacks the number {name!r}")
+    return float(value)
+
+
+def check_headroom(params: CKKSParams, values: list[np.ndarray], what: str) -> None:
+    """A decrypted value at or past the last level's headroom means the computation overflowed."""
+    bits = protocol_spec.headroom_bits(list(params.coeff_mod_bit_sizes), params.scale_bits)
+    for i, v in enumerate(values):
+        peak = float(np.max(np.abs(v))) if len(v) else 0.0
+        if not np.isfinite(peak) or peak >= 2.0**bits:
+            raise ProtocolViolation(
+                f"{what}: ciphertext {i} decrypts to values at or past the headroom of 2^{bits}: the "
+                f"server's computation overflowed (or the server is misbehaving); the result would be "
+                f"wrong, so this inference is stopped",
+                "headroom",
+            )
 
 
 def check_protocol(meta: dict) -> None:
     """Client and server must pack alike; a mismatch would decrypt to garbage, so say it instead."""
     theirs = meta.get("protocol")
     if theirs != PROTOCOL:
-        raise ClientError(f"server speaks protocol {theirs!r}; this client speaks {PROTOCOL!r} — upgrade "
-                          f"the client (or the server)")
+        raise ClientError(
+            f"server speaks protocol {theirs!r}; this client speaks {PROTOCOL!r} — upgrade the client (or the server)"
+        )
 
 
-def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.ndarray:
+def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes], *, num_labels: int | None = None) -> np.ndarray:
+    """Logit c is slot 0 of ciphertext c; `num_labels` (the bundle's) must match the count."""
     check_protocol(meta)
+    expect = num_labels if num_labels is not None else meta.get("num_labels")
+    if expect is not None and len(payloads) != int(expect):
+        raise ProtocolViolation(f"the server sent {len(payloads)} logit ciphertexts for {expect} labels")
     values = keys.decrypt(payloads)
+    check_headroom(keys.params, values, "logits")
     return np.array([v[0] for v in values])
 
 
@@ -158,16 +239,16 @@ def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes]) -> np.nd
 class Embedder:
     """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
 
-    tokenizer: object
+    tokenizer: Any  # tokenizers.Tokenizer
     word: np.ndarray
     position: np.ndarray
     norm_weight: np.ndarray
     norm_bias: np.ndarray
     max_tokens: int
-    eps: float = 1e-12
+    eps: float = protocol_spec.EMBEDDING_LAYERNORM_EPS
 
     @classmethod
-    def from_files(cls, tokenizer_json: str | Path, tables: dict[str, np.ndarray], max_tokens: int) -> "Embedder":
+    def from_files(cls, tokenizer_json: str | Path, tables: dict[str, np.ndarray], max_tokens: int) -> Embedder:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer_json))
@@ -176,10 +257,11 @@ class Embedder:
         missing = [k for k in EMBEDDING_TENSORS if k not in tables]
         if missing:
             raise ClientError(f"embedding tables missing {missing}")
-        return cls(tok, *(tables[k].astype(np.float64) for k in EMBEDDING_TENSORS), max_tokens=max_tokens)
+        word, position, weight, bias = (tables[k].astype(np.float64) for k in EMBEDDING_TENSORS)
+        return cls(tok, word, position, weight, bias, max_tokens=max_tokens)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> "Embedder":
+    def from_model_dir(cls, model_dir: str | Path, max_tokens: int | None = None) -> Embedder:
         from safetensors.numpy import load_file
 
         model_dir = Path(model_dir)
@@ -194,10 +276,10 @@ class Embedder:
         return self.tokenizer.encode(text).ids
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
-        ids = np.asarray(ids[: self.max_tokens])
-        if ids.max(initial=0) >= self.word.shape[0]:
+        index = np.asarray(ids[: self.max_tokens])
+        if index.max(initial=0) >= self.word.shape[0]:
             raise ClientError("token id outside the vocabulary")
-        x = self.word[ids] + self.position[: len(ids)]
+        x = self.word[index] + self.position[: len(index)]
         mean = x.mean(-1, keepdims=True)
         var = x.var(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + self.eps) * self.norm_weight + self.norm_bias
@@ -207,5 +289,15 @@ class Embedder:
         return self.embed_ids(self.token_ids(text))
 
 
-__all__ = ["ClientKeys", "ClientError", "CKKSError", "Embedder", "encrypt_embeddings", "answer_round",
-           "decrypt_logits"]
+__all__ = [
+    "ClientKeys",
+    "ClientError",
+    "CKKSError",
+    "Embedder",
+    "ProtocolViolation",
+    "encrypt_embeddings",
+    "answer_round",
+    "check_round_meta",
+    "check_headroom",
+    "decrypt_logits",
+]

@@ -67,14 +67,20 @@ class HEConfig:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"config field {name!r} is {value!r}; choose one of {list(allowed)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position", "num_labels"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position",
+            "num_labels",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if len(self.gelu_coeffs) != 3:
             raise ConfigError("gelu_coeffs must hold 3 coefficients (c0, c1, c2): a quadratic")
         if len(self.pooler_coeffs) != 4:
@@ -84,14 +90,18 @@ class HEConfig:
 
     def is_he_friendly(self) -> bool:
         """True when every operation after the (client-side) embedding is polynomial or affine."""
-        return (self.softmax == "2quad_fixed" and self.gelu in ("quad", "fit")
-                and self.layernorm == "affine" and self.pooler in ("none", "poly"))
+        return (
+            self.softmax == "2quad_fixed"
+            and self.gelu in ("quad", "fit")
+            and self.layernorm == "affine"
+            and self.pooler in ("none", "poly")
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HEConfig":
+    def from_dict(cls, data: dict) -> HEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"format", "architecture", "depth"})
         if unknown:
@@ -99,12 +109,11 @@ class HEConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> None:
-        payload = {"format": "cipherbert-he-model/1", **self.to_dict(),
-                   "depth": multiplicative_depth(self)}
+        payload = {"format": "cipherbert-he-model/1", **self.to_dict(), "depth": multiplicative_depth(self)}
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "HEConfig":
+    def load(cls, path: str | Path) -> HEConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

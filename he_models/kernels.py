@@ -170,8 +170,9 @@ class MapLayout:
         return self.fill(np.zeros(len(self.row))).rotations()
 
 
-def plan_map(out_slots: np.ndarray, in_slots: np.ndarray, n_in: int, n_out: int, slots: int, unit: int,
-             baby: int) -> MapLayout:
+def plan_map(
+    out_slots: np.ndarray, in_slots: np.ndarray, n_in: int, n_out: int, slots: int, unit: int, baby: int
+) -> MapLayout:
     """Group triplet positions (global out slot, global in slot) into BSGS diagonals.
 
     The rotation that brings input slot si to output slot so within one ciphertext is r = si - so (mod
@@ -202,25 +203,34 @@ def plan_map(out_slots: np.ndarray, in_slots: np.ndarray, n_in: int, n_out: int,
         rest //= g_span
         entries.append((int(rest // n_in), int(rest % n_in), int(gg), int(bb)))
     col = (so + g * giant) % slots
-    return MapLayout(n_in=n_in, n_out=n_out, unit=unit, baby=baby, slots=slots, row=inverse, col=col,
-                     entries=entries)
+    return MapLayout(n_in=n_in, n_out=n_out, unit=unit, baby=baby, slots=slots, row=inverse, col=col, entries=entries)
 
 
-def plan_map_fewest_rotations(out_slots, in_slots, n_in: int, n_out: int, slots: int, unit: int,
-                              babies: tuple[int, ...]) -> MapLayout:
+def plan_map_fewest_rotations(
+    out_slots, in_slots, n_in: int, n_out: int, slots: int, unit: int, babies: tuple[int, ...]
+) -> MapLayout:
     """Try each baby-step count the Galois keys allow and keep the layout that rotates least."""
     layouts = [plan_map(out_slots, in_slots, n_in, n_out, slots, unit, baby) for baby in babies]
     return min(layouts, key=lambda layout: layout.rotations())
 
 
-def build_map(out_slots: np.ndarray, in_slots: np.ndarray, weights: np.ndarray, n_in: int, n_out: int,
-              slots: int, unit: int, baby: int) -> DiagonalMap:
+def build_map(
+    out_slots: np.ndarray,
+    in_slots: np.ndarray,
+    weights: np.ndarray,
+    n_in: int,
+    n_out: int,
+    slots: int,
+    unit: int,
+    baby: int,
+) -> DiagonalMap:
     """Diagonals of the map given as triplets (global out slot, global in slot, weight)."""
     return build_map_fewest_rotations(out_slots, in_slots, weights, n_in, n_out, slots, unit, (baby,))
 
 
-def build_map_fewest_rotations(out_slots, in_slots, weights, n_in: int, n_out: int, slots: int, unit: int,
-                               babies: tuple[int, ...]) -> DiagonalMap:
+def build_map_fewest_rotations(
+    out_slots, in_slots, weights, n_in: int, n_out: int, slots: int, unit: int, babies: tuple[int, ...]
+) -> DiagonalMap:
     weights = np.asarray(weights, dtype=np.float64).ravel()
     keep = weights != 0
     out_slots = np.asarray(out_slots).ravel()[keep]
@@ -252,19 +262,26 @@ def subset_map(emap: EncodedMap, outputs: list[int] | None = None, inputs: list[
     for co, entries in emap.plaintexts.items():
         if out_index is not None and co not in out_index:
             continue
-        kept = [(in_index[ci] if in_index is not None else ci, g, b, pt) for ci, g, b, pt in entries
-                if in_index is None or ci in in_index]
+        kept = [
+            (in_index[ci] if in_index is not None else ci, g, b, pt)
+            for ci, g, b, pt in entries
+            if in_index is None or ci in in_index
+        ]
         if kept:
             plaintexts[out_index[co] if out_index is not None else co] = kept
     d = emap.dmap
-    dmap = DiagonalMap(n_in=len(inputs) if inputs is not None else d.n_in,
-                       n_out=len(outputs) if outputs is not None else d.n_out, unit=d.unit, baby=d.baby)
-    return EncodedMap(dmap=dmap, level=emap.level, in_scale=emap.in_scale, out_scale=emap.out_scale,
-                      plaintexts=plaintexts)
+    dmap = DiagonalMap(
+        n_in=len(inputs) if inputs is not None else d.n_in,
+        n_out=len(outputs) if outputs is not None else d.n_out,
+        unit=d.unit,
+        baby=d.baby,
+    )
+    return EncodedMap(
+        dmap=dmap, level=emap.level, in_scale=emap.in_scale, out_scale=emap.out_scale, plaintexts=plaintexts
+    )
 
 
-def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float,
-               out_scale: float) -> EncodedMap:
+def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float, out_scale: float) -> EncodedMap:
     pt_scale = backend.last_prime(level) * out_scale / in_scale
     parms = backend.parms_id(level)
     plaintexts = {
@@ -274,8 +291,9 @@ def encode_map(backend: Backend, dmap: DiagonalMap, level: int, in_scale: float,
     return EncodedMap(dmap=dmap, level=level, in_scale=in_scale, out_scale=out_scale, plaintexts=plaintexts)
 
 
-def apply_map(backend: Backend, emap: EncodedMap, inputs: list[seal.Ciphertext],
-              galois: seal.GaloisKeys) -> list[seal.Ciphertext]:
+def apply_map(
+    backend: Backend, emap: EncodedMap, inputs: list[seal.Ciphertext], galois: seal.GaloisKeys
+) -> list[seal.Ciphertext]:
     """Evaluate a map: baby rotations per input ciphertext, Horner giant steps per output, one rescale."""
     ev = backend.evaluator
     dmap = emap.dmap
@@ -298,12 +316,12 @@ def apply_map(backend: Backend, emap: EncodedMap, inputs: list[seal.Ciphertext],
         babies[ci] = chain
     outputs: list[seal.Ciphertext] = []
     for co in range(dmap.n_out):
-        entries = emap.plaintexts.get(co)
-        if not entries:
+        plain = emap.plaintexts.get(co)
+        if not plain:
             raise ValueError(f"output ciphertext {co} of the map has no diagonals")
         partial: dict[int, seal.Ciphertext] = {}
         tmp = seal.Ciphertext()
-        for ci, g, b, pt in entries:
+        for ci, g, b, pt in plain:
             if g in partial:
                 ev.multiply_plain(babies[ci][b], pt, tmp)
                 ev.add_inplace(partial[g], tmp)
@@ -328,6 +346,7 @@ def apply_map(backend: Backend, emap: EncodedMap, inputs: list[seal.Ciphertext],
                 result = acc
             else:
                 ev.add_inplace(result, acc)
+        assert result is not None  # plain is not empty: some giant step holds a diagonal
         ev.rescale_to_next_inplace(result)
         result.scale = emap.out_scale
         outputs.append(result)

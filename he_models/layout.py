@@ -27,7 +27,7 @@ TOKEN_BLOCKS = (32, 64, 128)
 CHUNK = 32  # tokens per feature-major chunk
 # Version of the packing and round protocol. The server puts it in the bundle and in every round's meta;
 # the client half refuses a round from a different version instead of decrypting garbage.
-PROTOCOL = "cipherbert-rounds/3"
+PROTOCOL = "cipherbert-rounds/4"
 
 
 class LayoutError(ClientInputError):
@@ -53,7 +53,7 @@ class Geometry:
     slots: int
 
     @classmethod
-    def for_tokens(cls, n: int, hidden: int, heads: int, intermediate: int, slots: int) -> "Geometry":
+    def for_tokens(cls, n: int, hidden: int, heads: int, intermediate: int, slots: int) -> Geometry:
         if n < 1:
             raise LayoutError("a sentence needs at least one token")
         return cls(n=n, n_p=token_block(n), hidden=hidden, heads=heads, intermediate=intermediate, slots=slots)
@@ -117,7 +117,7 @@ class Geometry:
     def _scatter(self, index: np.ndarray, values: np.ndarray, n_cts: int) -> list[np.ndarray]:
         flat = np.zeros(n_cts * self.slots)
         flat[index.ravel()] = values.ravel()
-        return [flat[c * self.slots:(c + 1) * self.slots] for c in range(n_cts)]
+        return [flat[c * self.slots : (c + 1) * self.slots] for c in range(n_cts)]
 
     @staticmethod
     def _gather(index: np.ndarray, vectors: list[np.ndarray]) -> np.ndarray:
@@ -156,11 +156,17 @@ class Geometry:
         return self.pack_sl(np.ones((self.heads, self.n, self.n)))
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "n_p": self.n_p, "hidden": self.hidden, "heads": self.heads,
-                "intermediate": self.intermediate, "slots": self.slots}
+        return {
+            "n": self.n,
+            "n_p": self.n_p,
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "intermediate": self.intermediate,
+            "slots": self.slots,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
+    def from_dict(cls, d: dict) -> Geometry:
         return cls(**{k: int(d[k]) for k in ("n", "n_p", "hidden", "heads", "intermediate", "slots")})
 
 

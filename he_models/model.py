@@ -294,7 +294,7 @@ class HEFriendlyBert(nn.Module):
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "HEFriendlyBert":
+    def from_pretrained(cls, directory: str | Path) -> HEFriendlyBert:
         from safetensors.torch import load_file
 
         directory = Path(directory)

@@ -91,7 +91,7 @@ class HEPlan:
         slots = self.params.slots
         steps = {1, BABY_STEPS, -BABY_STEPS, CHUNK}
         steps |= set(GIANT_STEPS) | {-g for g in GIANT_STEPS}
-        steps |= {2 ** k for k in range(int(math.log2(slots)))}
+        steps |= {2**k for k in range(int(math.log2(slots)))}
         return sorted(s for s in steps if abs(s) < slots)
 
     def schedule(self) -> list[dict]:
@@ -103,14 +103,30 @@ class HEPlan:
         cannot hold a segment.
         """
         segments = [
-            {"after": "input or round 4", "ops": ["QKV (1)", "C1 = Q rK^T (1)"], "levels": 2,
-             "then": "round 1 scores (Q, K masked)"},
-            {"after": "round 1", "ops": ["C2 on the reply (1, from level 2)", "2Quad square (1)"], "levels": 2,
-             "then": "round 2 context (A, V masked)"},
-            {"after": "round 2", "ops": ["C3 (1, from level 2)", "C4 on V (1)", "W_o (1)"], "levels": 3,
-             "then": "round 3 refresh (h masked)"},
-            {"after": "round 3", "ops": ["FFN1 (1)", "(u+beta)^2 (1)", "FFN2 (1)"], "levels": 3,
-             "then": "round 4 refresh (y masked)"},
+            {
+                "after": "input or round 4",
+                "ops": ["QKV (1)", "C1 = Q rK^T (1)"],
+                "levels": 2,
+                "then": "round 1 scores (Q, K masked)",
+            },
+            {
+                "after": "round 1",
+                "ops": ["C2 on the reply (1, from level 2)", "2Quad square (1)"],
+                "levels": 2,
+                "then": "round 2 context (A, V masked)",
+            },
+            {
+                "after": "round 2",
+                "ops": ["C3 (1, from level 2)", "C4 on V (1)", "W_o (1)"],
+                "levels": 3,
+                "then": "round 3 refresh (h masked)",
+            },
+            {
+                "after": "round 3",
+                "ops": ["FFN1 (1)", "(u+beta)^2 (1)", "FFN2 (1)"],
+                "levels": 3,
+                "then": "round 4 refresh (y masked)",
+            },
         ]
         return segments
 
@@ -126,7 +142,7 @@ class HEPlan:
             "round_kinds": list(ROUND_KINDS) * len(self.layers),
             "mask_bits": self.mask_bits,
             "ranges": self.ranges,
-            "levels_per_round": "fresh ciphertexts have %d levels; see README for the schedule" % self.params.levels,
+            "levels_per_round": f"fresh ciphertexts have {self.params.levels} levels; see README for the schedule",
         }
 
 
@@ -193,14 +209,30 @@ def fold(config: HEConfig, state: dict[str, np.ndarray]) -> tuple[list[LayerPlan
         w2, b2 = _linear(state, f"{p}.fc2")
         w1f, b1f = n1s[:, None] * w1, n1t @ w1 + b1 + beta
         w2f, b2f = alpha * w2, gamma * w2.sum(0) + b2
-        layers.append(LayerPlan(
-            wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo,
-            in_scale=None if prev is None else prev[0], in_shift=None if prev is None else prev[1],
-            n1_scale=n1s, n1_shift=n1t, w1=w1f, b1=b1f, w2=w2f, b2=b2f,
-            score_shift=config.softmax_c / np.sqrt(z),
-        ))
+        layers.append(
+            LayerPlan(
+                wq=wq,
+                bq=bq,
+                wk=wk,
+                bk=bk,
+                wv=wv,
+                bv=bv,
+                wo=wo,
+                bo=bo,
+                in_scale=None if prev is None else prev[0],
+                in_shift=None if prev is None else prev[1],
+                n1_scale=n1s,
+                n1_shift=n1t,
+                w1=w1f,
+                b1=b1f,
+                w2=w2f,
+                b2=b2f,
+                score_shift=config.softmax_c / np.sqrt(z),
+            )
+        )
         prev = _affine(state, f"{p}.norm2", config.layernorm_eps)
     wc, bc = _linear(state, "classifier")
+    assert prev is not None  # config.num_layers >= 1
     s, t = prev
     return layers, s[:, None] * wc, t @ wc + bc
 
@@ -231,8 +263,19 @@ def simulate(plan: HEPlan, embeddings: np.ndarray) -> Trace:
         h_res = h_raw * L.n1_scale + L.n1_shift
         u = h_raw @ L.w1 + L.b1
         y_raw = h_res + (u * u) @ L.w2 + L.b2
-        tensors.update({f"{li}.q": q, f"{li}.k": k, f"{li}.v": v, f"{li}.a": a, f"{li}.s": s,
-                        f"{li}.h": h_raw, f"{li}.u": u, f"{li}.y": y_raw, f"{li}.x": x_res})
+        tensors.update(
+            {
+                f"{li}.q": q,
+                f"{li}.k": k,
+                f"{li}.v": v,
+                f"{li}.a": a,
+                f"{li}.s": s,
+                f"{li}.h": h_raw,
+                f"{li}.u": u,
+                f"{li}.y": y_raw,
+                f"{li}.x": x_res,
+            }
+        )
         raw = y_raw
     if cfg.pooling == "mean":
         pooled = raw.mean(0)
@@ -271,8 +314,7 @@ def load_state(model_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(weights))
 
 
-def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = None,
-                 mask_bits: int = 10) -> HEPlan:
+def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = None, mask_bits: int = 10) -> HEPlan:
     model_dir = Path(model_dir)
     try:
         config = HEConfig.load(model_dir / "config.json")
@@ -280,8 +322,15 @@ def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = N
         raise PlanError(str(exc)) from None
     state = load_state(model_dir)
     layers, head_w, head_b = fold(config, state)
-    plan = HEPlan(params=choose_params(config), config=config, layers=layers, head_w=head_w,
-                  head_b=head_b, mask_bits=mask_bits, model_hash=model_hash(model_dir))
+    plan = HEPlan(
+        params=choose_params(config),
+        config=config,
+        layers=layers,
+        head_w=head_w,
+        head_b=head_b,
+        mask_bits=mask_bits,
+        model_hash=model_hash(model_dir),
+    )
     deepest = max(seg["levels"] for seg in plan.schedule())
     if deepest > plan.params.levels:
         raise PlanError(f"a segment needs {deepest} levels; the parameters give {plan.params.levels}")
@@ -299,12 +348,26 @@ def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = N
     return plan
 
 
+CALIBRATION_FILE = "calibration.txt"
+DEFAULT_CALIBRATION = Path(__file__).with_name(CALIBRATION_FILE)
+
+
+def calibration_texts(model_dir: Path, count: int = 64) -> list[str]:
+    """The sentences whose activations size the masks: the model's own calibration.txt (one sentence a
+    line, ideally like the text it will serve) or, without one, 64 public SST-2 dev sentences shipped
+    with he_models. Only public text belongs here: the operator reads this file."""
+    source = model_dir / CALIBRATION_FILE
+    if not source.exists():
+        source = DEFAULT_CALIBRATION
+    texts = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise PlanError(f"{source} holds no calibration sentences")
+    return texts[:count]
+
+
 def default_calibration(model_dir: Path, count: int = 64) -> list[np.ndarray]:
-    """Embeddings of shipped SST-2 dev sentences (the repo's data/), through the model's own tables."""
+    """Embeddings of the calibration sentences, through the model's own tables."""
     from he_models.client import Embedder
 
-    from cipherbert.data import load_sst2_dev
-
     embedder = Embedder.from_model_dir(model_dir)
-    texts = [ex.text for ex in load_sst2_dev()[:count]]
-    return [embedder.embed(t) for t in texts]
+    return [embedder.embed(t) for t in calibration_texts(model_dir, count)]

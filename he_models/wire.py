@@ -27,8 +27,7 @@ def pack_frames(frames: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_frames(data: bytes, max_frames: int = DEFAULT_MAX_FRAMES,
-                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
+def unpack_frames(data: bytes, max_frames: int = DEFAULT_MAX_FRAMES, max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
     if len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < 8 or data[:4] != MAGIC:
@@ -45,9 +44,8 @@ def unpack_frames(data: bytes, max_frames: int = DEFAULT_MAX_FRAMES,
         (length,) = struct.unpack_from("<Q", data, offset)
         offset += 8
         if offset + length > len(data):
-            raise WireError(f"truncated message: frame {index} declares {length} bytes, "
-                            f"{len(data) - offset} remain")
-        frames.append(bytes(view[offset:offset + length]))
+            raise WireError(f"truncated message: frame {index} declares {length} bytes, {len(data) - offset} remain")
+        frames.append(bytes(view[offset : offset + length]))
         offset += length
     if offset != len(data):
         raise WireError(f"{len(data) - offset} trailing bytes after {count} frames")

@@ -1,6 +1,6 @@
 """Where the service keeps what must outlive one request.
 
-Two implementations of one small interface:
+Two implementations of one small interface (service.contracts.Store):
 
 * `SQLiteStore` (default, embedded): SQLite in WAL mode under the data directory, with registered public
   contexts as files beside it (`keys/<key_id>.ctx`, mode 0600). Keys survive a restart; several
@@ -10,8 +10,11 @@ Two implementations of one small interface:
 
 What is stored: key records (tenant, model, expiry, size, digest) and their public contexts; one record
 per pending inference (tenant, key id, model, round, digest of what was sent, the engine's opaque state
-blob), replaced atomically per round: `take_state` removes the record only if the round and the digest
-still match, so of two concurrent replies to one round exactly one wins; rate-limit counters.
+blob), kept until its successor is written: `get_state` reads the round's state without removing it and
+`advance_state` swaps in the next round only if the record still waits for the round and digest the
+caller read (a compare-and-swap), so of concurrent replies to one round exactly one wins, and a round
+whose engine step or successor write failed (a store outage) can simply be answered again; rate-limit
+counters.
 """
 
 from __future__ import annotations
@@ -21,71 +24,41 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from service.contracts import InferenceRecord, KeyRecord, Store
+
+__all__ = [
+    "InferenceRecord",
+    "KeyRecord",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "StoreConfig",
+    "StoreError",
+    "open_store",
+]
 
 
 class StoreError(RuntimeError):
     """The backing store failed (not the client's fault): maps to 503."""
 
 
-@dataclass
-class KeyRecord:
-    key_id: str
-    tenant: str
-    model_id: str
-    created_at: float
-    expires_at: float
-    size: int
-    sha256: str
+@dataclass(frozen=True)
+class StoreConfig:
+    """Which store to open (picklable: the engine workers open their own)."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    data_dir: Path
+    redis_url: str | None = None
 
 
-@dataclass
-class InferenceRecord:
-    inference_id: str
-    tenant: str
-    key_id: str
-    model_id: str
-    round: int
-    digest: str
-    done: bool
-    created_at: float
-    expires_at: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Store:
-    def put_key(self, rec: KeyRecord, blob: bytes) -> None: ...
-    def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def get_key_blob(self, key_id: str) -> bytes | None: ...
-    def list_keys(self, tenant: str) -> list[KeyRecord]: ...
-    def delete_key(self, key_id: str) -> bool: ...
-    def put_state(self, rec: InferenceRecord, state: bytes | None) -> None: ...
-    def peek_state(self, inference_id: str) -> InferenceRecord | None: ...
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None: ...
-    def delete_state(self, inference_id: str) -> bool: ...
-    def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
-        """Count one request in the current fixed window; return (this window's count, the previous
-        window's count, now). The caller weighs them into a sliding-window estimate."""
-        ...
-
-    def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        """Take back a counted request that was refused (refusals do not use up the allowance)."""
-        ...
-
-    def ping(self) -> bool: ...
-    def close(self) -> None: ...
-
-
-def open_store(config: dict) -> Store:
-    if config.get("redis_url"):
-        return RedisStore(config["redis_url"])
-    return SQLiteStore(Path(config["data_dir"]))
+def open_store(config: StoreConfig) -> Store:
+    if config.redis_url:
+        return RedisStore(config.redis_url)
+    return SQLiteStore(Path(config.data_dir))
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
@@ -103,7 +76,7 @@ CREATE TABLE IF NOT EXISTS counters (bucket TEXT PRIMARY KEY, count INTEGER NOT 
 """
 
 
-class SQLiteStore(Store):
+class SQLiteStore:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.keys_dir = self.data_dir / "keys"
@@ -125,7 +98,7 @@ class SQLiteStore(Store):
             self._local.conn = conn
         return conn
 
-    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _exec(self, sql: str, args: tuple = ()) -> list[Any]:
         try:
             return self._conn().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -149,8 +122,10 @@ class SQLiteStore(Store):
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
         os.replace(tmp, path)
-        self._exec("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
-                   (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256))
+        self._exec(
+            "INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?,?,?)",
+            (rec.key_id, rec.tenant, rec.model_id, rec.created_at, rec.expires_at, rec.size, rec.sha256),
+        )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         rows = self._exec("SELECT * FROM keys WHERE key_id = ? AND expires_at > ?", (key_id, time.time()))
@@ -165,8 +140,9 @@ class SQLiteStore(Store):
             return None
 
     def list_keys(self, tenant: str) -> list[KeyRecord]:
-        rows = self._exec("SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at",
-                          (tenant, time.time()))
+        rows = self._exec(
+            "SELECT * FROM keys WHERE tenant = ? AND expires_at > ? ORDER BY created_at", (tenant, time.time())
+        )
         return [KeyRecord(*row) for row in rows]
 
     def delete_key(self, key_id: str) -> bool:
@@ -176,44 +152,79 @@ class SQLiteStore(Store):
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         self._purge()
-        self._exec("INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   (rec.inference_id, rec.tenant, rec.key_id, rec.model_id, rec.round, rec.digest,
-                    int(rec.done), rec.created_at, rec.expires_at, state))
+        self._exec(
+            "INSERT OR REPLACE INTO inferences VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.inference_id,
+                rec.tenant,
+                rec.key_id,
+                rec.model_id,
+                rec.round,
+                rec.digest,
+                int(rec.done),
+                rec.created_at,
+                rec.expires_at,
+                state,
+            ),
+        )
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
         rows = self._exec(
             "SELECT inference_id, tenant, key_id, model_id, round, digest, done, created_at, expires_at "
-            "FROM inferences WHERE inference_id = ? AND expires_at > ?", (inference_id, time.time()))
+            "FROM inferences WHERE inference_id = ? AND expires_at > ?",
+            (inference_id, time.time()),
+        )
         if not rows:
             return None
         row = list(rows[0])
         row[6] = bool(row[6])
         return InferenceRecord(*row)
 
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
-        # One statement: atomic against any other process sharing the database.
+    def get_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
         rows = self._exec(
-            "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
-            "AND expires_at > ? RETURNING state", (inference_id, round, digest, time.time()))
+            "SELECT state FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
+            "AND expires_at > ?",
+            (inference_id, round, digest, time.time()),
+        )
         return rows[0][0] if rows else None
 
+    def advance_state(self, rec: InferenceRecord, state: bytes | None, round: int, digest: str) -> bool:
+        # One statement: the compare (round, digest, not done) and the swap are atomic across processes.
+        rows = self._exec(
+            "UPDATE inferences SET round = ?, digest = ?, done = ?, expires_at = ?, state = ? "
+            "WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 AND expires_at > ? "
+            "RETURNING inference_id",
+            (rec.round, rec.digest, int(rec.done), rec.expires_at, state, rec.inference_id, round, digest, time.time()),
+        )
+        return bool(rows)
+
+    def drop_state(self, inference_id: str, round: int, digest: str) -> bool:
+        rows = self._exec(
+            "DELETE FROM inferences WHERE inference_id = ? AND round = ? AND digest = ? AND done = 0 "
+            "RETURNING inference_id",
+            (inference_id, round, digest),
+        )
+        return bool(rows)
+
     def delete_state(self, inference_id: str) -> bool:
-        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id",
-                               (inference_id,)))
+        return bool(self._exec("DELETE FROM inferences WHERE inference_id = ? RETURNING inference_id", (inference_id,)))
 
     def hit(self, bucket: str, window_s: int) -> tuple[int, int, float]:
         now = time.time()
         window = int(now // window_s)
         expires = (window + 2) * window_s  # kept one extra window: it is the next one's "previous"
         rows = self._exec(
-            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 "
-            "RETURNING count", (f"{bucket}:{window}", expires))
+            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(bucket) DO UPDATE SET count = count + 1 RETURNING count",
+            (f"{bucket}:{window}", expires),
+        )
         prev = self._exec("SELECT count FROM counters WHERE bucket = ?", (f"{bucket}:{window - 1}",))
         return int(rows[0][0]), int(prev[0][0]) if prev else 0, now
 
     def unhit(self, bucket: str, window_s: int, now: float) -> None:
-        self._exec("UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
-                   (f"{bucket}:{int(now // window_s)}",))
+        self._exec(
+            "UPDATE counters SET count = count - 1 WHERE bucket = ? AND count > 0",
+            (f"{bucket}:{int(now // window_s)}",),
+        )
 
     def ping(self) -> bool:
         self._exec("SELECT 1")
@@ -228,29 +239,40 @@ class SQLiteStore(Store):
 
 # ----------------------------------------------------------------------------------------------- Redis
 
-_TAKE_LUA = """
-local r = redis.call('HMGET', KEYS[1], 'round', 'digest', 'done')
-if r[1] == ARGV[1] and r[2] == ARGV[2] and r[3] == '0' then
-  local s = redis.call('HGET', KEYS[1], 'state')
-  redis.call('DEL', KEYS[1])
-  if s then return s else return '' end
-end
-return false
+# Compare-and-swap scripts: the inference's record changes only while it still waits for the round
+# (and digest) the caller read, so of concurrent replies to one round exactly one advances it.
+_MATCH = (
+    "local r = redis.call('HMGET', KEYS[1], 'round', 'digest', 'done')\n"
+    "if r[1] ~= ARGV[1] or r[2] ~= ARGV[2] or r[3] ~= '0' then return false end\n"
+)
+_GET_LUA = _MATCH + "local s = redis.call('HGET', KEYS[1], 'state')\nif s then return s else return '' end\n"
+_DROP_LUA = _MATCH + "redis.call('DEL', KEYS[1])\nreturn 1\n"
+# ARGV[3] = expire-at, ARGV[4] = 1 to keep a state (ARGV[5]), then field/value pairs
+_ADVANCE_LUA = (
+    _MATCH
+    + """redis.call('HDEL', KEYS[1], 'state')
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return 1
 """
+)
 
 
-class RedisStore(Store):
+class RedisStore:
     prefix = "cb:"
 
     def __init__(self, url: str) -> None:
         import redis
 
         self._redis_mod = redis
-        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                      health_check_interval=30)
-        self._take = self.r.register_script(_TAKE_LUA)
+        self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
+        self._get = self.r.register_script(_GET_LUA)
+        self._drop = self.r.register_script(_DROP_LUA)
+        self._advance = self.r.register_script(_ADVANCE_LUA)
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call redis-py (its replies are untyped: bytes, ints, lists) and map its errors to StoreError."""
         try:
             return fn(*args, **kwargs)
         except self._redis_mod.RedisError as exc:
@@ -293,7 +315,9 @@ class RedisStore(Store):
 
     def put_state(self, rec: InferenceRecord, state: bytes | None) -> None:
         key = f"{self.prefix}inf:{rec.inference_id}"
-        mapping = {k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()}
+        mapping: dict[Any, str | bytes] = {
+            k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in rec.to_dict().items()
+        }
         if state is not None:
             mapping["state"] = state
         pipe = self.r.pipeline(transaction=True)
@@ -303,19 +327,41 @@ class RedisStore(Store):
         self._call(pipe.execute)
 
     def peek_state(self, inference_id: str) -> InferenceRecord | None:
-        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done",
-                  "created_at", "expires_at"]
+        fields = ["inference_id", "tenant", "key_id", "model_id", "round", "digest", "done", "created_at", "expires_at"]
         vals = self._call(self.r.hmget, f"{self.prefix}inf:{inference_id}", fields)
         if vals[0] is None:
             return None
-        d = dict(zip(fields, (v.decode() for v in vals)))
-        rec = InferenceRecord(d["inference_id"], d["tenant"], d["key_id"], d["model_id"], int(d["round"]),
-                              d["digest"], d["done"] == "1", float(d["created_at"]), float(d["expires_at"]))
+        d = dict(zip(fields, (v.decode() for v in vals), strict=True))
+        rec = InferenceRecord(
+            d["inference_id"],
+            d["tenant"],
+            d["key_id"],
+            d["model_id"],
+            int(d["round"]),
+            d["digest"],
+            d["done"] == "1",
+            float(d["created_at"]),
+            float(d["expires_at"]),
+        )
         return rec if rec.expires_at > time.time() else None
 
-    def take_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
-        out = self._call(self._take, keys=[f"{self.prefix}inf:{inference_id}"], args=[str(round), digest])
-        return None if out is None else bytes(out)
+    def get_state(self, inference_id: str, round: int, digest: str) -> bytes | None:
+        key = f"{self.prefix}inf:{inference_id}"
+        out = self._call(self._get, keys=[key], args=[str(round), digest])
+        if out is None:
+            return None
+        rec = self.peek_state(inference_id)  # expiry is checked like SQLite's (Redis may lag by a second)
+        return bytes(out) if rec is not None else None
+
+    def advance_state(self, rec: InferenceRecord, state: bytes | None, round: int, digest: str) -> bool:
+        fields: list[str | bytes] = []
+        for k, v in rec.to_dict().items():
+            fields += [k, str(int(v)) if isinstance(v, bool) else str(v)]
+        args = [str(round), digest, str(int(rec.expires_at) + 1), "0" if state is None else "1", state or b"", *fields]
+        return bool(self._call(self._advance, keys=[f"{self.prefix}inf:{rec.inference_id}"], args=args))
+
+    def drop_state(self, inference_id: str, round: int, digest: str) -> bool:
+        return bool(self._call(self._drop, keys=[f"{self.prefix}inf:{inference_id}"], args=[str(round), digest]))
 
     def delete_state(self, inference_id: str) -> bool:
         return bool(self._call(self.r.delete, f"{self.prefix}inf:{inference_id}"))

@@ -1,4 +1,8 @@
-"""The `cipherbert` CLI: serve (via the fixture), keys, classify --json, readable errors, delegation."""
+"""The `cipherbert` CLI: serve (via the fixture), keys, classify --json, readable errors, delegation.
+
+The server runs the real encrypted engine on a tiny random model (hidden 32, one layer), so the CLI
+drives the SDK's default client half (he_models.client) end to end, as a user's would.
+"""
 
 import json
 import os
@@ -8,7 +12,7 @@ import sys
 import pytest
 
 from cipherbert.launch import REPO, start_server
-from tests.support.toyengine import make_toy_model
+from tests.conftest import make_random_model_dir
 
 KEY = "acme-key-0001"
 
@@ -22,9 +26,10 @@ def cli(*args, env=None, timeout=120):
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     models = tmp / "models"
-    make_toy_model(models)
-    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, engine="tests.support.toyengine:ToyEngine",
-                        workers=1)
+    make_random_model_dir(models / "tiny", hidden_size=32, num_heads=2, intermediate_size=64, num_layers=1,
+                          name="tiny")
+    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, workers=1,
+                        env={"CIPHERBERT_RATE_LIMIT": "off"})
     yield proc
     proc.stop()
 

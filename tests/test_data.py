@@ -5,8 +5,14 @@ import json
 import pytest
 
 from cipherbert.data import (
-    DatasetError, drop_overlap, grouped_split, load_examples, load_rotten_tomatoes, load_sst2_dev,
-    normalize_text, sentiment_splits,
+    DatasetError,
+    drop_overlap,
+    grouped_split,
+    load_examples,
+    load_rotten_tomatoes,
+    load_sst2_dev,
+    normalize_text,
+    sentiment_splits,
 )
 
 

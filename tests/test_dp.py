@@ -23,11 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "
 from opacus import GradSampleModule  # noqa: E402
 
 from dp_training.__main__ import main  # noqa: E402
-from tests.support.dp_fixtures import make_random_base  # noqa: E402
 from dp_training.modules import (  # noqa: E402
-    FrozenAffineNorm, HeadScale, export_state_dict, make_dp_twin,
+    FrozenAffineNorm,
+    HeadScale,
+    export_state_dict,
+    make_dp_twin,
 )
 from dp_training.train import default_delta, recompute_epsilon  # noqa: E402
+from tests.support.dp_fixtures import make_random_base  # noqa: E402
 
 
 def tiny_model(seed: int = 0, **overrides) -> HEFriendlyBert:
@@ -87,7 +90,7 @@ def test_per_sample_gradients_match_one_at_a_time(overrides, scope):
         for i in range(len(labels)):
             ref = reference[i][j] if reference[i][j] is not None else torch.zeros_like(p)
             torch.testing.assert_close(p.grad_sample[i], ref, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{names[id(p)]} sample {i}: {m}")
+                                       msg=lambda m: f"{names[id(p)]} sample {i}: {m}")  # noqa: B023
         covered.add(type(dict(twin.named_modules())[names[id(p)].rsplit(".", 1)[0]]).__name__)
     # every kind of trainable layer was exercised: Linear, the frozen-statistics norm, log_z's HeadScale
     assert {"Linear", "FrozenAffineNorm", "HeadScale"} <= covered
@@ -317,7 +320,8 @@ def test_recompute_epsilon_is_an_independent_accountant():
 
 @pytest.mark.slow
 def test_sweep_writes_results_and_plot(tmp_path, tiny_base, sms_rows):
-    from dp_training.sweep import main as sweep_main, markdown_table
+    from dp_training.sweep import main as sweep_main
+    from dp_training.sweep import markdown_table
 
     data = write_csv(tmp_path / "sms.csv", sms_rows * 3)  # duplicates stay within one split
     results, png = tmp_path / "dp.json", tmp_path / "dp.png"

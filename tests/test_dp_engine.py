@@ -10,10 +10,10 @@ import torch
 
 from cipherbert.data import load_sms_spam
 from dp_training.__main__ import main as dp_main
-from tests.support.dp_fixtures import make_random_base
 from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
 from he_models.engine import EncryptedEngine
 from he_models.model import HEFriendlyBert
+from tests.support.dp_fixtures import make_random_base
 
 
 def test_dp_finetuned_model_runs_encrypted(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from he_models.ckks import CKKSError, CKKSParams, load_ciphertext, pack_eval_keys, save_bytes, unpack_eval_keys
+from he_models.ckks import CKKSParams, load_ciphertext, save_bytes, unpack_eval_keys
 from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
 from he_models.engine import EncryptedEngine, EngineError
 from he_models.kernels import Backend, apply_map, build_map, encode_map
@@ -139,10 +139,10 @@ def test_encrypted_inference_matches_plaintext(engine, client, random_model_dir)
 
 
 def test_masks_differ_per_round_and_inference(engine):
-    a = engine._mask("inf-a", 1, "0.q", 1)[0]
-    b = engine._mask("inf-a", 2, "0.q", 1)[0]
-    c = engine._mask("inf-b", 1, "0.q", 1)[0]
-    again = engine._mask("inf-a", 1, "0.q", 1)[0]
+    a = engine.masks.draw("inf-a", 1, "0.q", 1)[0]
+    b = engine.masks.draw("inf-a", 2, "0.q", 1)[0]
+    c = engine.masks.draw("inf-b", 1, "0.q", 1)[0]
+    again = engine.masks.draw("inf-a", 1, "0.q", 1)[0]
     assert np.array_equal(a, again)  # any replica derives the same mask
     assert not np.allclose(a, b) and not np.allclose(a, c)
     width, bits = engine.mask_limits["0.q"]
@@ -262,7 +262,7 @@ def test_assistant_process_gives_the_same_result(random_model_dir):
         ctx = engine.load_context(keys.public_keys_bytes())
         emb = Embedder.from_model_dir(random_model_dir).embed("two processes, one answer")
         logits, _ = run_encrypted(engine, keys, ctx, emb, inference_id="parallel")
-        assert engine._assistant is not None  # it did not die on the way
+        assert engine.has_assistant  # it did not die on the way
         assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
     finally:
         engine.close()

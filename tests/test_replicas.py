@@ -8,11 +8,10 @@ run; the real model through the same topology is in test_service_e2e.py (slow).
 import httpx
 import pytest
 
-from clients.sdk import Client
+from cipherbert.launch import have, start_nginx, start_redis, start_server
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from cipherbert.launch import have, start_nginx, start_redis, start_server
-from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
+from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model, toy_client
 
 KEY = "acme-key-0001"
 pytestmark = pytest.mark.skipif(not have("redis-server"), reason="redis-server not installed (make system-deps)")
@@ -45,7 +44,7 @@ def topology(tmp_path_factory):
 
 def test_rounds_cross_replicas_with_client_round_robin(topology, tmp_path):
     a, b = topology["a"], topology["b"]
-    with Client([a.url, b.url], KEY, cache_dir=tmp_path) as client:
+    with toy_client([a.url, b.url], KEY, cache_dir=tmp_path) as client:
         results = client.classify_batch(["a fine film", "dreadful", "so so", "the best"])
     for r in results:
         assert r.rounds == 1 and len(set(r.replicas)) == 2, r.replicas
@@ -89,7 +88,7 @@ def test_rate_limit_is_shared_by_replicas(topology):
 @pytest.mark.skipif(not have("nginx"), reason="nginx not installed (make system-deps)")
 def test_through_nginx_load_balancer(topology, tmp_path):
     nginx = topology["nginx"]
-    with Client(nginx.url, KEY, cache_dir=tmp_path) as client:
+    with toy_client(nginx.url, KEY, cache_dir=tmp_path) as client:
         results = client.classify_batch([f"sentence number {i}" for i in range(6)])
     seen = {x for r in results for x in r.replicas}
     assert seen == {"replica-a", "replica-b"}

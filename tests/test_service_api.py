@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from clients.sdk import Client
+from cipherbert.launch import start_server
+from clients.sdk import CipherbertError, Client
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
-from cipherbert.launch import start_server
-from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model
+from tests.support.toyengine import ClientKeys, Embedder, encrypt_embeddings, make_toy_model, toy_client
 
 ACME, EVIL, LIMITED = "acme-key-0001", "evil-key-0001", "limited-key-01"
 KEYS = f"acme:{ACME},evil:{EVIL},limited:{LIMITED}"
@@ -229,7 +229,7 @@ def test_sdk_keeps_secret_local(server, tmp_path):
             request.extensions.setdefault("sent", len(for_body))
             return super().handle_request(request)
 
-    with Client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
+    with toy_client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
         result = client.classify("what a terrible waste of time")
         again = client.classify_batch(["a fine movie", "bad"])
         texts = ["a fine movie", "bad", "so so", "the best", "awful"]
@@ -254,7 +254,7 @@ def test_sdk_keeps_secret_local(server, tmp_path):
     emb = Embedder(server.extra["models"] / "toy").embed("what a terrible waste of time")
     assert np.allclose(result.logits, engine.plaintext_logits(emb), atol=0.05)
     # a second client reuses the keystore and the registered key (no new upload)
-    with Client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
+    with toy_client(server.url, ACME, cache_dir=tmp_path, transport=Recorder()) as client:
         key_id = client.register_keys()
         client.classify("fine")
         assert len(uploads) == 1
@@ -262,6 +262,15 @@ def test_sdk_keeps_secret_local(server, tmp_path):
         httpx.delete(f"{server.url}/v1/keys/{key_id}", headers=h())
         assert client.classify("fine again").label in ("negative", "positive")
         assert len(uploads) == 2 and client.register_keys() != key_id
+
+
+def test_sdk_refuses_a_bundle_for_another_client_half(server, tmp_path):
+    """The default SDK (he_models' client half) meets the stand-in's bundle: a clear error, no key made."""
+    with Client(server.url, ACME, cache_dir=tmp_path) as client:
+        with pytest.raises(CipherbertError, match="needs the client half 'tests.support.toyengine'.*client_half="):
+            client.register_keys()
+        assert client.bundle()[0]["client_module"] == "tests.support.toyengine"
+    assert not list((tmp_path / "keys").rglob("*.secret"))  # refused before any key was made
 
 
 def test_saturation_answers_429_with_retry_after(server, tmp_path, monkeypatch):
@@ -298,14 +307,14 @@ def test_keys_survive_a_restart(tmp_path):
                 data_dir=data, port=free_port())  # same URL: the SDK's keystore is per server URL
     first = start_server(tmp_path, **opts)
     try:
-        with Client(first.url, ACME, cache_dir=tmp_path / "c") as client:
+        with toy_client(first.url, ACME, cache_dir=tmp_path / "c") as client:
             key_id = client.register_keys()
             before = client.classify("a fine film").logits
     finally:
         first.stop()
     second = start_server(tmp_path, **opts)
     try:
-        with Client(second.url, ACME, cache_dir=tmp_path / "c") as client:
+        with toy_client(second.url, ACME, cache_dir=tmp_path / "c") as client:
             assert client.register_keys() == key_id  # found alive, not re-registered
             after = client.classify("a fine film").logits
     finally:
@@ -324,7 +333,7 @@ def test_engine_worker_crash_is_survived(tmp_path):
     server = start_server(tmp_path, api_keys=f"acme:{ACME}", models_dir=models,
                           engine="tests.support.toyengine:ToyEngine", workers=1)
     try:
-        with Client(server.url, ACME, cache_dir=tmp_path / "c", retries=0) as client:
+        with toy_client(server.url, ACME, cache_dir=tmp_path / "c", retries=0) as client:
             client.classify("warm up")
             pid = server.popen.pid
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -342,7 +351,7 @@ def test_engine_worker_crash_is_survived(tmp_path):
         deadline = time.time() + 60
         while httpx.get(f"{server.url}/readyz").status_code != 200 and time.time() < deadline:
             time.sleep(0.2)
-        with Client(server.url, ACME, cache_dir=tmp_path / "c") as client:
+        with toy_client(server.url, ACME, cache_dir=tmp_path / "c") as client:
             assert client.classify("recovered").label in ("negative", "positive")
         assert server.popen.poll() is None
         assert "engine pool broke" in server.tail(20000)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.sdk import Client
 from cipherbert.launch import have, start_nginx, start_redis, start_server
+from clients.sdk import Client
 
 KEY = "acme-key-0001"
 SENTENCE = "a gripping, beautifully acted film"
@@ -52,7 +52,7 @@ def test_encrypted_inference_through_the_server(models_dir, random_model_dir, tm
         with Client(server.url, KEY, cache_dir=tmp_path / "client", transport=Recorder()) as client:
             result = client.classify(SENTENCE)
             key_id = client.register_keys()
-            keys = client._session()[0]
+            keys = client._session().keys
         bad_input_is_4xx(server.url, key_id, keys)
         metrics = httpx.get(f"{server.url}/metrics").text
     finally:
@@ -81,7 +81,7 @@ def bad_input_is_4xx(url, key_id, keys):
     import httpx
     import tenseal as ts
 
-    from he_models.client import Embedder, answer_round, encrypt_embeddings
+    from he_models.client import answer_round, encrypt_embeddings
     from he_models.layout import Geometry
     from he_models.wire import pack_frames
     from service.protocol import unpack_envelope
@@ -153,7 +153,7 @@ def test_real_engine_replicas_behind_nginx(models_dir, random_model_dir, tmp_pat
     finally:
         for p in reversed(procs):
             p.stop()
-    for text, r in zip(texts, results):
+    for text, r in zip(texts, results, strict=True):
         ref = plaintext_logits(random_model_dir, text)
         assert np.abs(np.array(r.logits) - ref).max() < 2e-2
         assert len(set(r.replicas)) == 2  # nginx round robin spread the rounds over both replicas

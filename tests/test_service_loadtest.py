@@ -2,7 +2,6 @@
 
 import json
 
-
 from bench import loadtest
 from cipherbert.launch import start_server
 

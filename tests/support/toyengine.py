@@ -59,7 +59,7 @@ class ToyEngine:
         self.secret = server_secret
 
     @classmethod
-    def load(cls, model_dir, server_secret: bytes, warm=()) -> "ToyEngine":
+    def load(cls, model_dir, server_secret: bytes, warm=()) -> ToyEngine:
         return cls(Path(model_dir), server_secret)
 
     def client_bundle(self) -> dict:
@@ -67,7 +67,8 @@ class ToyEngine:
                 "ckks": {"poly_modulus_degree": POLY_N, "coeff_mod_bit_sizes": COEFF_BITS,
                          "scale_bits": SCALE_BITS},
                 "galois_steps": [], "hidden_size": self.hidden, "max_tokens": self.max_tokens,
-                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"]}
+                "num_labels": 2, "labels": self.config["labels"], "vocab": self.config["vocab"],
+                "rounds": 1, "round_kinds": ["refresh"]}
 
     def client_bundle_files(self) -> dict[str, Path]:
         return {"embeddings.npy": self.dir / "embeddings.npy", "config.json": self.dir / "config.json"}
@@ -149,7 +150,7 @@ class ClientKeys:
         self.ctx = ctx
 
     @classmethod
-    def generate(cls, params: dict, galois_steps: list[int]) -> "ClientKeys":
+    def generate(cls, params: dict, galois_steps: list[int]) -> ClientKeys:
         ck = params
         ctx = ts.context(ts.SCHEME_TYPE.CKKS, ck["poly_modulus_degree"], coeff_mod_bit_sizes=ck["coeff_mod_bit_sizes"])
         ctx.global_scale = 2 ** ck["scale_bits"]
@@ -164,7 +165,7 @@ class ClientKeys:
         Path(path).write_bytes(self.ctx.serialize(save_secret_key=True))
 
     @classmethod
-    def load(cls, path) -> "ClientKeys":
+    def load(cls, path) -> ClientKeys:
         ctx = ts.context_from(Path(path).read_bytes())
         ctx.global_scale = 2 ** SCALE_BITS
         return cls(ctx)
@@ -174,11 +175,11 @@ def encrypt_embeddings(keys: ClientKeys, embeddings: np.ndarray, geometry=None) 
     return [ts.ckks_vector(keys.ctx, row.tolist()).serialize() for row in np.asarray(embeddings)]
 
 
-def answer_round(keys: ClientKeys, kind: str, meta: dict, to_client: list[bytes]) -> list[bytes]:
+def answer_round(keys: ClientKeys, kind: str, meta: dict, to_client: list[bytes], geometry=None) -> list[bytes]:
     return [ts.ckks_vector(keys.ctx, ts.ckks_vector_from(keys.ctx, b).decrypt()).serialize() for b in to_client]
 
 
-def decrypt_logits(keys: ClientKeys, meta: dict, to_client: list[bytes]) -> np.ndarray:
+def decrypt_logits(keys: ClientKeys, meta: dict, to_client: list[bytes], num_labels=None) -> np.ndarray:
     return np.array(ts.ckks_vector_from(keys.ctx, to_client[0]).decrypt())
 
 
@@ -192,10 +193,30 @@ class Embedder:
         return self.table[_tokens(text, self.table.shape[0], int(self.config["max_tokens"]))]
 
 
-# SDK hooks: how the SDK builds this client half's embedder and per-sentence geometry.
-def sdk_embedder(bundle: dict, bundle_dir) -> Embedder:
-    return Embedder(bundle_dir)
+class ToyClientHalf:
+    """This stand-in's client half, for the SDK: `Client(url, key, client_half=ToyClientHalf())`."""
+
+    module = "tests.support.toyengine"
+
+    def generate_keys(self, ckks: dict, galois_steps: list[int]) -> ClientKeys:
+        return ClientKeys.generate(ckks, galois_steps)
+
+    def load_keys(self, path) -> ClientKeys:
+        return ClientKeys.load(path)
+
+    def embedder(self, bundle: dict, bundle_dir) -> Embedder:
+        return Embedder(bundle_dir)
+
+    def geometry(self, bundle: dict, n_tokens: int) -> None:
+        return None
+
+    encrypt_embeddings = staticmethod(encrypt_embeddings)
+    answer_round = staticmethod(answer_round)
+    decrypt_logits = staticmethod(decrypt_logits)
 
 
-def sdk_geometry(bundle: dict, n_tokens: int):
-    return None
+def toy_client(base_url, api_key: str, **kwargs):
+    """An SDK client for a server running this stand-in: the SDK with this module's client half injected."""
+    from clients.sdk import Client
+
+    return Client(base_url, api_key, client_half=ToyClientHalf(), **kwargs)

@@ -1,0 +1,298 @@
+"""The round state machine: what the server computes between two client replies.
+
+Per encoder layer there are four rounds (round r = 4 * layer + kind + 1):
+  kind 0 scores   server sends Q+rQ, K+rK          client returns s(Q+rQ)(K+rK)^T and K+rK (token-major)
+  kind 1 context  server sends A+rA, V+rV          client returns (A+rA)(V+rV) and A+rA
+  kind 2 refresh  server sends h+rh                client re-encrypts it at the top level
+  kind 3 refresh  server sends y+ry                client re-encrypts it at the top level
+After the last layer the server sends the encrypted logits. Each step opens the state blob of the
+round just answered, checks it against the caller's (inference, round), and seals the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from he_models import protocol_spec
+from he_models.assistant import Splitter
+from he_models.ckks import encode_vector, save_bytes
+from he_models.contracts import EngineError, EvalContext, StepOutput
+from he_models.inputs import load_fresh
+from he_models.kernels import Backend
+from he_models.layout import PROTOCOL, Geometry
+from he_models.masks import Masks
+from he_models.plan import HEPlan
+from he_models.state import RoundHeader, StateSealer
+from he_models.weights import WeightKernels
+
+ROUNDS_PER_LAYER = 4
+MAX_INFERENCE_ID = 128
+Saved = dict[str, list[seal.Ciphertext]]
+
+
+class RoundMachine:
+    """start() and resume() of the protocol, for one engine's plan, kernels, masks and state sealer."""
+
+    def __init__(
+        self,
+        plan: HEPlan,
+        backend: Backend,
+        weights: WeightKernels,
+        masks: Masks,
+        sealer: StateSealer,
+        splitter: Splitter,
+        geometry: Callable[[int], Geometry],
+        labels: Callable[[], list[str]],
+    ) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.weights = weights
+        self.masks = masks
+        self.sealer = sealer
+        self.splitter = splitter
+        self.geometry = geometry
+        self.labels = labels
+
+    # -- entry points --------------------------------------------------------------------------
+    def start(self, ctx: EvalContext, inference_id: str, n_tokens: int, inputs: list[bytes]) -> StepOutput:
+        if not isinstance(inference_id, str) or not inference_id or len(inference_id) > MAX_INFERENCE_ID:
+            raise EngineError(f"inference id must be 1..{MAX_INFERENCE_ID} characters")
+        geo = self.geometry(n_tokens)
+        raw = load_fresh(self.backend, inputs, geo.fm_cts(geo.hidden), "input")
+        return self.begin_layer(ctx, inference_id, geo, 0, raw, round_no=1)
+
+    def resume(
+        self,
+        ctx: EvalContext,
+        state: bytes,
+        replies: list[bytes],
+        *,
+        inference_id: str | None = None,
+        round_no: int | None = None,
+    ) -> StepOutput:
+        header, saved = self.sealer.open_blob(state)
+        if inference_id is not None and inference_id != header.inference_id:
+            raise EngineError(
+                f"reply for inference {inference_id!r} does not match the stored inference {header.inference_id!r}"
+            )
+        if round_no is not None and round_no != header.round:
+            raise EngineError(
+                f"reply to round {round_no} but inference {header.inference_id!r} "
+                f"awaits round {header.round} (replayed or out-of-order round)"
+            )
+        if header.key != ctx.fingerprint:
+            raise EngineError("reply uses different evaluation keys than the inference started with")
+        geo = Geometry.from_dict(header.geometry)
+        layer, kind_index = divmod(header.round - 1, ROUNDS_PER_LAYER)
+        inference, r = header.inference_id, header.round
+        if kind_index == 0:
+            return self.after_scores(ctx, inference, geo, layer, r, saved, replies)
+        if kind_index == 1:
+            return self.after_context(ctx, inference, geo, layer, r, saved, replies)
+        if kind_index == 2:
+            return self.after_attention_refresh(ctx, inference, geo, layer, r, replies)
+        return self.after_ffn_refresh(ctx, inference, geo, layer, r, replies)
+
+    def emit(
+        self,
+        ctx: EvalContext,
+        inference: str,
+        geo: Geometry,
+        round_no: int,
+        kind: str,
+        to_client: list[bytes],
+        keep: Saved,
+        extra_meta: dict | None = None,
+    ) -> StepOutput:
+        """The StepOutput of a round the client must answer, with the sealed state it resumes from."""
+        header = RoundHeader(
+            inference_id=inference, round=round_no, kind=kind, geometry=geo.to_dict(), key=ctx.fingerprint
+        )
+        meta = {
+            "geometry": geo.to_dict(),
+            "protocol": PROTOCOL,
+            "tensors": protocol_spec.round_tensors(kind, geo.to_dict()),
+            **(extra_meta or {}),
+        }
+        return StepOutput(
+            inference_id=inference,
+            round=round_no,
+            done=False,
+            to_client=to_client,
+            state=self.sealer.seal_blob(header, keep),
+            kind=kind,
+            meta=meta,
+        )
+
+    # -- the rounds ----------------------------------------------------------------------------
+    def begin_layer(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, raw: list[seal.Ciphertext], round_no: int
+    ) -> StepOutput:
+        """Q, K (sent masked), V and the residual (kept): the scores round."""
+        parts = self.splitter.parts
+
+        def whole() -> tuple[list[seal.Ciphertext], list[seal.Ciphertext]]:
+            both = parts.qkv(ctx, geo, layer, raw, "all")
+            return both[: 2 * len(raw)], both[2 * len(raw) :]
+
+        remote = ("qkv", {"geo": geo, "layer": layer, "raw": raw, "which": "v"})
+        q_k, v_x = self.splitter.split(ctx, remote, lambda: parts.qkv(ctx, geo, layer, raw, "qk"), whole)
+        n_fm = len(raw)
+        q, k = q_k[:n_fm], q_k[n_fm:]
+        v, x_res = v_x[:n_fm], v_x[n_fm:]
+        to_client = self.masks.mask_all(q, inference, round_no, f"{layer}.q") + self.masks.mask_all(
+            k, inference, round_no, f"{layer}.k"
+        )
+        return self.emit(
+            ctx,
+            inference,
+            geo,
+            round_no,
+            "scores",
+            to_client,
+            {"x_res": x_res, "q": q, "v": v},
+            {"sigma": self.plan.layers[layer].score_factor(geo.n)},
+        )
+
+    def after_scores(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved, replies: list[bytes]
+    ) -> StepOutput:
+        """Scores minus the corrections c1, c2, shifted and squared (2Quad): the context round."""
+        be = self.backend
+        n_sl = geo.sl_cts
+        fresh = load_fresh(be, replies, 2 * n_sl, "scores reply")
+        s_client, z = fresh[:n_sl], fresh[n_sl:]
+        task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "cts": z}
+        c1_out, c2_out = self.splitter.split(
+            ctx, ("c2", task), lambda: self.splitter.parts.correction(ctx, "c1", geo, layer, inference, r, saved["q"])
+        )
+        shift = self.plan.layers[layer].shift(geo.n)
+        shift_sl = geo.pack_sl(np.broadcast_to(shift[:, None, None], (geo.heads, geo.n, geo.n)))
+        a = []
+        for idx in range(n_sl):
+            scores = be.sub(be.sub(s_client[idx], c1_out[idx]), c2_out[idx])
+            scores = be.add_plain(scores, shift_sl[idx])
+            a.append(be.square(scores, ctx.relin))
+        to_client = self.masks.mask_all(a, inference, r + 1, f"{layer}.a") + self.masks.mask_all(
+            saved["v"], inference, r + 1, f"{layer}.v"
+        )
+        return self.emit(
+            ctx,
+            inference,
+            geo,
+            r + 1,
+            "context",
+            to_client,
+            {"x_res": saved["x_res"], "v": saved["v"]},
+            {"context_scale": 1.0 / self.plan.layers[layer].a_gain},
+        )
+
+    def after_context(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, saved: Saved, replies: list[bytes]
+    ) -> StepOutput:
+        """Context minus c3, c4, through the output projection plus the residual: h, sent for refresh."""
+        be = self.backend
+        n_fm, n_sl = geo.fm_cts(geo.hidden), geo.sl_cts
+        fresh = load_fresh(be, replies, n_fm + n_sl, "context reply")
+        av_client, a_masked = fresh[:n_fm], fresh[n_fm:]
+        task = {"geo": geo, "layer": layer, "inference": inference, "r": r, "cts": saved["v"]}
+        c3_out, c4_out = self.splitter.split(
+            ctx, ("c4", task), lambda: self.splitter.parts.correction(ctx, "c3", geo, layer, inference, r, a_masked)
+        )
+        context = [be.sub(be.sub(av_client[i], c3_out[i]), c4_out[i]) for i in range(n_fm)]
+        maps = self.weights.maps()[layer]
+        out = self.weights.add_bias(self.weights.chunked(maps.o, context, ctx.galois), self.plan.layers[layer].bo, geo)
+        h_raw = [be.add(x, o) for x, o in zip(saved["x_res"], out, strict=True)]
+        return self.emit(
+            ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(h_raw, inference, r + 1, f"{layer}.h"), {}
+        )
+
+    def after_attention_refresh(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, replies: list[bytes]
+    ) -> StepOutput:
+        """The norm and the FFN on the refreshed h (the FFN split in halves): y, sent for refresh."""
+        be = self.backend
+        n_fm = geo.fm_cts(geo.hidden)
+        h_raw = self.masks.unmask(load_fresh(be, replies, n_fm, "refresh reply"), inference, r, f"{layer}.h", geo)
+        maps = self.weights.maps()[layer]
+        L = self.plan.layers[layer]
+        parts = self.splitter.parts
+
+        def norm() -> list[seal.Ciphertext]:
+            return self.weights.add_bias(self.weights.chunked(maps.n1, h_raw, ctx.galois), L.n1_shift, geo)
+
+        if geo.per_chunk(geo.intermediate) < 2:  # one intermediate ciphertext per chunk: nothing to split
+            h_res = norm()
+            f = parts.ffn(ctx, geo, layer, h_raw, None)
+        else:
+            local, f_remote = self.splitter.split(
+                ctx,
+                ("ffn", {"geo": geo, "layer": layer, "h_raw": h_raw, "half": 1}),
+                lambda: norm() + parts.ffn(ctx, geo, layer, h_raw, 0),
+                lambda: (norm() + parts.ffn(ctx, geo, layer, h_raw, None), None),
+            )
+            h_res, f_local = local[:n_fm], local[n_fm:]
+            f = f_local if f_remote is None else [be.add(a, b) for a, b in zip(f_local, f_remote, strict=True)]
+        f = self.weights.add_bias(f, L.b2, geo)
+        y_raw = [be.add(a, b) for a, b in zip(h_res, f, strict=True)]
+        return self.emit(
+            ctx, inference, geo, r + 1, "refresh", self.masks.mask_all(y_raw, inference, r + 1, f"{layer}.y"), {}
+        )
+
+    def after_ffn_refresh(
+        self, ctx: EvalContext, inference: str, geo: Geometry, layer: int, r: int, replies: list[bytes]
+    ) -> StepOutput:
+        """The refreshed y starts the next layer, or after the last one gives the logits."""
+        n_fm = geo.fm_cts(geo.hidden)
+        y_raw = self.masks.unmask(
+            load_fresh(self.backend, replies, n_fm, "refresh reply"), inference, r, f"{layer}.y", geo
+        )
+        if layer + 1 < len(self.plan.layers):
+            return self.begin_layer(ctx, inference, geo, layer + 1, y_raw, r + 1)
+        return self.logits(ctx, inference, geo, y_raw, r)
+
+    def logits(
+        self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int
+    ) -> StepOutput:
+        """Pooling and the classifier head, one ciphertext per label (its value in every slot)."""
+        cfg = self.plan.config
+        pool = np.zeros((geo.n, 1))
+        if cfg.pooling == "mean":
+            pool[:, 0] = 1.0 / geo.n
+        else:
+            pool[0, 0] = 1.0
+        outputs = []
+        for c in range(cfg.num_labels):
+            weights = geo.pack_fm(pool * self.plan.head_w[:, c][None, :])
+            outputs.append(save_bytes(self._label_logit(ctx, y_raw, weights, self.plan.head_b[c])))
+        return StepOutput(
+            inference_id=inference,
+            round=r + 1,
+            done=True,
+            to_client=outputs,
+            state=None,
+            kind="logits",
+            meta={"num_labels": cfg.num_labels, "labels": self.labels(), "protocol": PROTOCOL},
+        )
+
+    def _label_logit(
+        self, ctx: EvalContext, y_raw: list[seal.Ciphertext], weights: list[np.ndarray], bias: float
+    ) -> seal.Ciphertext:
+        be = self.backend
+        terms = []
+        for idx in range(len(y_raw)):
+            pt = encode_vector(be.encoder, weights[idx], y_raw[idx].parms_id(), be.last_prime(be.top))
+            prod = seal.Ciphertext()
+            be.evaluator.multiply_plain(y_raw[idx], pt, prod)
+            be.evaluator.rescale_to_next_inplace(prod)
+            prod.scale = self.plan.params.scale
+            terms.append(prod)
+        total = terms[0]
+        for t in terms[1:]:
+            total = be.add(total, t)
+        total = be.sum_slots(total, ctx.galois)
+        total = be.add_plain(total, np.full(be.slots, bias))
+        return be.mod_to(total, 0)
