@@ -60,7 +60,7 @@ function forEachSlot(layoutName, env, features, visit) {
       return;
     }
     const ix = p.indices[depth];
-    const upper = ix.upper(e) + 1;
+    const upper = ix.upper(e); // "0..n-1": n values
     for (let v = 0; v < upper; v++) { e[ix.name] = v; rec(depth + 1); }
   };
   rec(0);
