@@ -89,7 +89,14 @@ export class Client {
       try {
         resp = await fetch(this.url + path, { ...init, method, headers: { Authorization: `Bearer ${this.apiKey}`, ...(init.headers ?? {}) } });
       } catch (exc) {
-        throw new CipherbertError(`cannot reach the cipherbert server at ${this.url} (${/** @type {Error} */ (exc).message}); is it running?`, { code: 'unreachable' });
+        // A kept-alive connection the server closed meanwhile fails the request without it being
+        // processed: retry a few times (a replayed round would be refused 409 and restarted anyway).
+        if (attempt < 3) {
+          await sleep(300);
+          continue;
+        }
+        const cause = /** @type {any} */ (exc).cause?.code ?? /** @type {Error} */ (exc).message;
+        throw new CipherbertError(`cannot reach the cipherbert server at ${this.url} (${cause}); is it running?`, { code: 'unreachable' });
       }
       if ((resp.status === 429 || resp.status === 503) && attempt < this.retries) {
         const wait = Number(resp.headers.get('Retry-After') ?? '1');

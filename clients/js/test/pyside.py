@@ -5,6 +5,7 @@
                           the JS secret key and a JS seeded ciphertext; decrypts it; rotates it by every
                           step and squares it (relinearize, rescale) with the JS keys; writes the results
     pyside.py tokenize TOKENIZER_JSON MAX_TOKENS   ids of every SST-2 dev sentence (JSON lines on stdout)
+    pyside.py sdk URL API_KEY TEXT...   the Python SDK's logits for the texts (JSON on stdout)
 
 Values: slot i holds 3 sin(i). Runs with the repository on PYTHONPATH (he_models, tenseal).
 """
@@ -77,6 +78,16 @@ def tokenize(tokenizer_json: str, max_tokens: int) -> None:
         print(json.dumps({"text": ex.text, "ids": tok.encode(ex.text).ids}))
 
 
+def sdk(url: str, api_key: str, texts: list[str]) -> None:
+    """The Python SDK's logits for the same texts on the same server (JSON on stdout)."""
+    import tempfile
+
+    from clients.sdk import Client
+
+    with tempfile.TemporaryDirectory() as home, Client(url, api_key, cache_dir=home) as client:
+        print(json.dumps([client.classify(t).logits for t in texts]))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -85,5 +96,7 @@ if __name__ == "__main__":
         evaluate(Path(sys.argv[2]))
     elif cmd == "tokenize":
         tokenize(sys.argv[2], int(sys.argv[3]))
+    elif cmd == "sdk":
+        sdk(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         raise SystemExit(__doc__)
