@@ -25,7 +25,7 @@ const RESTARTABLE = ['unknown_inference', 'wrong_round'];
 /**
  * @typedef {{stage: string, message: string, round?: number, rounds?: number}} Progress
  * @typedef {{get(key: string): Promise<any>, put(key: string, value: any): Promise<void>, delete(key: string): Promise<void>}} KeyStore
- * @typedef {{label: string, probabilities: number[], logits: number[], latency: number,
+ * @typedef {{label: string, labels: string[], probabilities: number[], logits: number[], latency: number,
  *   bytes: {up: number, down: number, keys: number}, rounds: number, nTokens: number, inferenceId: string,
  *   modelId: string, timings: Record<string, number>, restarts: number}} Result
  */
@@ -324,7 +324,7 @@ export class Client {
     const labels = bundle.labels ?? logits.map((_, i) => String(i));
     const idx = logits.indexOf(Math.max(...logits));
     return {
-      label: String(labels[idx] ?? idx), probabilities, logits,
+      label: String(labels[idx] ?? idx), labels, probabilities, logits,
       latency: (performance.now() - t0) / 1000,
       bytes: { up, down, keys: this.keyUploadBytes },
       rounds, nTokens: n, inferenceId: msg.header.inference_id, modelId: bundle.model_id,

@@ -10,3 +10,4 @@ export { PROTOCOL, TABLES, quantities, roundTensors } from './spec.js';
 export { TrustError, RoundGuard, checkSecurity } from './trust.js';
 export { ROUND_HANDLERS, answerRound } from './rounds.js';
 export { toTenseal, fromTenseal } from './sealwire.js';
+export { indexedDbKeyStore } from './idbstore.js';
