@@ -47,7 +47,10 @@ def server(random_model_dir, tmp_path_factory):
         shipped.mkdir()
         (shipped / "rand").symlink_to(random_model_dir, target_is_directory=True)
     proc = start_server(
-        root / "srv", api_keys=f"acme:{KEY}", models_dir=shipped, workers=1,
+        root / "srv",
+        api_keys=f"acme:{KEY}",
+        models_dir=shipped,
+        workers=1,
         env={"CIPHERBERT_SECRET": "js-client-secret-" + "x" * 20},
     )
     yield proc
@@ -58,7 +61,12 @@ def server(random_model_dir, tmp_path_factory):
 def test_node_test_runner_drives_the_js_client(server):
     env = {**os.environ, "CIPHERBERT_URL": server.url, "CIPHERBERT_API_KEY": KEY, "CIPHERBERT_PYTHON": sys.executable}
     proc = subprocess.run(
-        ["node", "--test", "--test-concurrency=1", "test/"], cwd=JS, env=env, capture_output=True, text=True, timeout=900
+        ["node", "--test", "--test-concurrency=1", "test/"],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     print(proc.stdout[-4000:], proc.stderr[-2000:])
     assert proc.returncode == 0, proc.stdout[-4000:]
