@@ -24,6 +24,7 @@ from he_models.client import ClientKeys
 
 PARAMS = CKKSParams(8192, (55, 36, 36, 36, 55), 36)
 STEPS = [-1024, -512, -256, -8, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+SST2_DEV = Path(__file__).resolve().parents[3] / "data" / "sst2-dev.tsv"
 VALUES = 3 * np.sin(np.arange(PARAMS.slots))
 
 
@@ -67,15 +68,16 @@ def evaluate(out: Path) -> None:
 
 
 def tokenize(tokenizer_json: str, max_tokens: int) -> None:
-    from tokenizers import Tokenizer
+    import csv
 
-    from cipherbert.data import load_sst2_dev
+    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_json)
     tok.enable_truncation(max_length=max_tokens)
     tok.no_padding()
-    for ex in load_sst2_dev():
-        print(json.dumps({"text": ex.text, "ids": tok.encode(ex.text).ids}))
+    with open(SST2_DEV, newline="", encoding="utf-8") as fh:  # the corpus cipherbert.data ships
+        for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            print(json.dumps({"text": row["sentence"], "ids": tok.encode(row["sentence"]).ids}))
 
 
 def sdk(url: str, api_key: str, texts: list[str]) -> None:
