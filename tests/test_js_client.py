@@ -168,3 +168,23 @@ def test_browser_three_sentences_match_the_python_sdk(server, tmp_path):
         assert "result" in got, got
         assert np.abs(np.array(got["result"]["logits"]) - np.array(want)).max() <= 2e-3
         assert int(np.argmax(got["result"]["logits"])) == int(np.argmax(want))
+
+
+def test_ui_router_serves_the_page_and_nothing_else():
+    """The static router alone: the page, rewritten module specifiers, the vendor allowlist, no escapes."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.routes import ui
+
+    app = FastAPI()
+    app.include_router(ui.router)
+    http = TestClient(app)
+    assert http.get("/ui/").status_code == 200 and "<textarea" in http.get("/ui/").text
+    embed = http.get("/ui/src/embed.js")
+    assert embed.headers["content-type"].startswith("text/javascript")
+    assert "from '/ui/vendor/@huggingface/tokenizers/dist/tokenizers.min.mjs'" in embed.text
+    for path in ("/ui/src/../../../pyproject.toml", "/ui/..%2F..%2Fpyproject.toml", "/ui/vendor/.package-lock.json"):
+        assert http.get(path).status_code == 404, path
+    if (JS / "node_modules" / "fzstd").is_dir():
+        assert http.get("/ui/vendor/fzstd/esm/index.mjs").status_code == 200
