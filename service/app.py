@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request, Response
 
 from service.errors import ApiError, install_error_handlers
 from service.pool import Service
-from service.routes import API_PREFIX, API_VERSION, inferences, keys, models, ops
+from service.routes import API_PREFIX, API_VERSION, inferences, keys, models, ops, ui
 from service.routes.inferences import ROUND_TOKEN_HEADER
 from service.settings import Settings
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(_observer(svc))
     install_error_handlers(app, svc.metrics.errors)
     app.include_router(ops.router)
+    app.include_router(ui.router)
     for router in (models.router, keys.router, inferences.router):
         app.include_router(router, prefix=API_PREFIX)
     return app
