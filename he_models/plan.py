@@ -348,11 +348,26 @@ def compile_plan(model_dir: str | Path, calibration: list[np.ndarray] | None = N
     return plan
 
 
+CALIBRATION_FILE = "calibration.txt"
+DEFAULT_CALIBRATION = Path(__file__).with_name(CALIBRATION_FILE)
+
+
+def calibration_texts(model_dir: Path, count: int = 64) -> list[str]:
+    """The sentences whose activations size the masks: the model's own calibration.txt (one sentence a
+    line, ideally like the text it will serve) or, without one, 64 public SST-2 dev sentences shipped
+    with he_models. Only public text belongs here: the operator reads this file."""
+    source = model_dir / CALIBRATION_FILE
+    if not source.exists():
+        source = DEFAULT_CALIBRATION
+    texts = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise PlanError(f"{source} holds no calibration sentences")
+    return texts[:count]
+
+
 def default_calibration(model_dir: Path, count: int = 64) -> list[np.ndarray]:
-    """Embeddings of shipped SST-2 dev sentences (the repo's data/), through the model's own tables."""
-    from cipherbert.data import load_sst2_dev
+    """Embeddings of the calibration sentences, through the model's own tables."""
     from he_models.client import Embedder
 
     embedder = Embedder.from_model_dir(model_dir)
-    texts = [ex.text for ex in load_sst2_dev()[:count]]
-    return [embedder.embed(t) for t in texts]
+    return [embedder.embed(t) for t in calibration_texts(model_dir, count)]
