@@ -235,6 +235,30 @@ def decrypt_logits(keys: ClientKeys, meta: dict, payloads: list[bytes], *, num_l
     return np.array([v[0] for v in values])
 
 
+def decrypt_token_logits(
+    keys: ClientKeys, meta: dict, payloads: list[bytes], *, num_labels: int, geometry: Geometry | None = None
+) -> np.ndarray:
+    """(n, num_labels) logits of a token-classification model: the FM layout with F = num_labels.
+
+    The meta must describe this sentence's geometry and the frames the protocol gives for it."""
+    check_protocol(meta)
+    try:
+        geo = Geometry.from_dict(meta["geometry"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolViolation("token_logits: meta lacks a valid geometry") from None
+    if geometry is not None and geo != geometry:
+        raise ProtocolViolation(f"token_logits: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}")
+    want = protocol_spec.round_tensors("token_logits", geo.to_dict(), num_labels)
+    if meta.get("tensors") != want:
+        raise ProtocolViolation(f"token_logits: the server describes {meta.get('tensors')}; the protocol says {want}")
+    expect = sum(t["frames"] for t in want["send"])
+    if len(payloads) != expect:
+        raise ProtocolViolation(f"the server sent {len(payloads)} token-logit ciphertexts; the protocol says {expect}")
+    values = keys.decrypt(payloads)
+    check_headroom(keys.params, values, "token logits")
+    return geo.unpack_fm(values, num_labels)
+
+
 @dataclass
 class Embedder:
     """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
@@ -300,4 +324,5 @@ __all__ = [
     "check_round_meta",
     "check_headroom",
     "decrypt_logits",
+    "decrypt_token_logits",
 ]

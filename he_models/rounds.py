@@ -252,7 +252,34 @@ class RoundMachine:
         )
         if layer + 1 < len(self.plan.layers):
             return self.begin_layer(ctx, inference, geo, layer + 1, y_raw, r + 1)
+        if self.plan.config.task == "token-classification":
+            return self.token_logits(ctx, inference, geo, y_raw, r)
         return self.logits(ctx, inference, geo, y_raw, r)
+
+    def token_logits(
+        self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int
+    ) -> StepOutput:
+        """The per-token classifier, no pooling: logits (n, labels) feature-major (label c where feature c
+        would be), one kernel per chunk on the fresh last hidden state, dropped to the last level."""
+        cfg = self.plan.config
+        out = self.weights.chunked(self.weights.token_head(), y_raw, ctx.galois)
+        out = self.weights.add_bias(out, self.plan.head_b, geo)
+        kind = protocol_spec.final_kind(cfg.task)
+        return StepOutput(
+            inference_id=inference,
+            round=r + 1,
+            done=True,
+            to_client=[save_bytes(self.backend.mod_to(ct, 0)) for ct in out],
+            state=None,
+            kind=kind,
+            meta={
+                "num_labels": cfg.num_labels,
+                "labels": self.labels(),
+                "protocol": PROTOCOL,
+                "geometry": geo.to_dict(),
+                "tensors": protocol_spec.round_tensors(kind, geo.to_dict(), cfg.num_labels),
+            },
+        )
 
     def logits(
         self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int
