@@ -294,10 +294,14 @@ class Embedder:
         limit = max_tokens or int(config.get("max_position", 128))
         return cls.from_files(model_dir / "tokenizer.json", {k: tables[k] for k in EMBEDDING_TENSORS}, limit)
 
-    def token_ids(self, text: str) -> list[int]:
+    def encode(self, text: str) -> Any:
+        """The tokenizers.Encoding of the text (truncated to max_tokens): ids, pieces, character offsets."""
         if not text or not text.strip():
             raise ClientError("text is empty")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text)
+
+    def token_ids(self, text: str) -> list[int]:
+        return self.encode(text).ids
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
         index = np.asarray(ids[: self.max_tokens])
