@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, decrypt_token_logits
-from he_models.client import encrypt_embeddings
+from he_models.client import (
+    ClientKeys,
+    Embedder,
+    answer_round,
+    decrypt_logits,
+    decrypt_token_logits,
+    encrypt_embeddings,
+)
 from he_models.engine import EncryptedEngine
 from he_models.kernels import apply_map
 

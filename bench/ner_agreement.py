@@ -37,9 +37,14 @@ def _init(model_dir: str) -> None:
     engine = EncryptedEngine.load(model_dir, os.urandom(32))
     bundle = engine.client_bundle()
     keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
-    _worker.update(engine=engine, keys=keys, ctx=engine.load_context(keys.public_keys_bytes()),
-                   embedder=Embedder.from_model_dir(model_dir), model=HEFriendlyBert.from_pretrained(model_dir),
-                   labels=bundle["labels"])
+    _worker.update(
+        engine=engine,
+        keys=keys,
+        ctx=engine.load_context(keys.public_keys_bytes()),
+        embedder=Embedder.from_model_dir(model_dir),
+        model=HEFriendlyBert.from_pretrained(model_dir),
+        labels=bundle["labels"],
+    )
 
 
 def word_tags(logits: np.ndarray, word_ids: list[int | None], n_words: int, labels: list[str]) -> list[str]:
@@ -62,16 +67,28 @@ def _one(item: tuple[int, list[str], list[str]]) -> dict:
     emb = embedder.embed_ids(enc.ids)
     run = encrypted_run(_worker["engine"], _worker["keys"], _worker["ctx"], emb, f"ner-{index}")
     with torch.no_grad():
-        plain = _worker["model"].forward_embedded(
-            torch.tensor(emb, dtype=torch.float32)[None], torch.ones(1, emb.shape[0])).logits[0].double().numpy()
+        plain = (
+            _worker["model"]
+            .forward_embedded(torch.tensor(emb, dtype=torch.float32)[None], torch.ones(1, emb.shape[0]))
+            .logits[0]
+            .double()
+            .numpy()
+        )
     he = np.asarray(run["logits"])
     pieces = [i for i, s in enumerate(enc.special_tokens_mask) if not s]
-    return {"index": index, "tokens": int(emb.shape[0]), "pieces": len(pieces),
-            "same_pieces": int((he[pieces].argmax(-1) == plain[pieces].argmax(-1)).sum()),
-            "max_abs_err": float(np.abs(he - plain).max()), "mean_abs_err": float(np.abs(he - plain).mean()),
-            "max_abs_err_pieces": float(np.abs(he[pieces] - plain[pieces]).max()) if pieces else 0.0,
-            "gold": gold, "he": word_tags(he, enc.word_ids, len(words), labels),
-            "plain": word_tags(plain, enc.word_ids, len(words), labels), "e2e_s": run["e2e"]}
+    return {
+        "index": index,
+        "tokens": int(emb.shape[0]),
+        "pieces": len(pieces),
+        "same_pieces": int((he[pieces].argmax(-1) == plain[pieces].argmax(-1)).sum()),
+        "max_abs_err": float(np.abs(he - plain).max()),
+        "mean_abs_err": float(np.abs(he - plain).mean()),
+        "max_abs_err_pieces": float(np.abs(he[pieces] - plain[pieces]).max()) if pieces else 0.0,
+        "gold": gold,
+        "he": word_tags(he, enc.word_ids, len(words), labels),
+        "plain": word_tags(plain, enc.word_ids, len(words), labels),
+        "e2e_s": run["e2e"],
+    }
 
 
 def report_of(rows: list[dict], args, wall_s: float) -> dict:
@@ -82,7 +99,7 @@ def report_of(rows: list[dict], args, wall_s: float) -> dict:
     return {
         "n": len(rows),
         "token_agreement": sum(r["same_pieces"] for r in rows) / sum(r["pieces"] for r in rows),
-        "word_tag_agreement": float(np.mean([a == b for r in rows for a, b in zip(r["he"], r["plain"])])),
+        "word_tag_agreement": float(np.mean([a == b for r in rows for a, b in zip(r["he"], r["plain"], strict=True)])),
         "f1_encrypted": float(f1_he),
         "f1_plaintext": float(f1_plain),
         "f1_gap_points": float(100 * abs(f1_he - f1_plain)),

@@ -60,7 +60,9 @@ def tag_one(client, model: str, text: str) -> None:
     r = client.tag(text, model=model)
     print(f"tagged in {r.latency_s:.2f} s ({r.n_tokens} tokens, {r.rounds} rounds): {text}")
     for e in r.entities:
-        print(f"  {e['entity_group']:<5} {text[e['start'] : e['end']]!r:<24} [{e['start']}:{e['end']}]  {e['score']:.2f}")
+        print(
+            f"  {e['entity_group']:<5} {text[e['start'] : e['end']]!r:<24} [{e['start']}:{e['end']}]  {e['score']:.2f}"
+        )
     if not r.entities:
         print("  (no entities)")
     print()

@@ -352,7 +352,9 @@ class Client:
         pipeline("ner", aggregation_strategy=...) returns them ("simple", "first" or "none"), with
         character offsets into `text`, plus per-piece and per-word labels (TagResult)."""
         if aggregation_strategy not in tagging.STRATEGIES:
-            raise CipherbertError(f"aggregation_strategy {aggregation_strategy!r}: use one of {list(tagging.STRATEGIES)}")
+            raise CipherbertError(
+                f"aggregation_strategy {aggregation_strategy!r}: use one of {list(tagging.STRATEGIES)}"
+            )
         return self._recovering(lambda: self._tag(text, model, aggregation_strategy), model)
 
     def task(self, model: str | None = None) -> str:
@@ -464,7 +466,9 @@ class Client:
         _, header, to_client, counters = self._run(session, emb, t0)
         tc = time.perf_counter()
         meta, num_labels = header.get("meta") or {}, int(session.bundle["num_labels"])
-        logits = np.asarray(self.client_half.decrypt_logits(session.keys, meta, to_client, num_labels), dtype=np.float64)
+        logits = np.asarray(
+            self.client_half.decrypt_logits(session.keys, meta, to_client, num_labels), dtype=np.float64
+        )
         counters["timings"]["client_rounds_s"] += time.perf_counter() - tc
         probs = _softmax(logits)
         labels = session.bundle.get("labels") or [str(i) for i in range(len(logits))]
@@ -491,7 +495,9 @@ class Client:
         )
         counters["timings"]["client_rounds_s"] += time.perf_counter() - tc
         tokenizer = getattr(session.embedder, "tokenizer", None)
-        join = tokenizer.decoder.decode if tokenizer is not None and tokenizer.decoder is not None else tagging.join_pieces
+        join = (
+            tokenizer.decoder.decode if tokenizer is not None and tokenizer.decoder is not None else tagging.join_pieces
+        )
         pieces = tagging.pieces_of(encoding)
         entities, tokens, words = tagging.tag_views(pieces, logits, labels, text, strategy, join)
         return TagResult(

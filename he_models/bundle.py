@@ -27,7 +27,9 @@ def labels(plan: HEPlan, model_dir: Path | None) -> list[str]:
     if (model_dir / "labels.json").exists():
         names = [str(x) for x in json.loads((model_dir / "labels.json").read_text())]
         if len(names) != plan.config.num_labels:
-            raise PlanError(f"{model_dir / 'labels.json'} names {len(names)} labels; the model has {plan.config.num_labels}")
+            raise PlanError(
+                f"{model_dir / 'labels.json'} names {len(names)} labels; the model has {plan.config.num_labels}"
+            )
         return names
     if plan.config.num_labels == 2:
         return ["negative", "positive"]

@@ -247,7 +247,9 @@ def decrypt_token_logits(
     except (KeyError, TypeError, ValueError):
         raise ProtocolViolation("token_logits: meta lacks a valid geometry") from None
     if geometry is not None and geo != geometry:
-        raise ProtocolViolation(f"token_logits: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}")
+        raise ProtocolViolation(
+            f"token_logits: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}"
+        )
     want = protocol_spec.round_tensors("token_logits", geo.to_dict(), num_labels)
     if meta.get("tensors") != want:
         raise ProtocolViolation(f"token_logits: the server describes {meta.get('tensors')}; the protocol says {want}")

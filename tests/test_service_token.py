@@ -20,8 +20,13 @@ from cipherbert.launch import REPO, start_server
 from clients import tagging
 from clients.sdk import CipherbertError, Client
 from he_models.client import Embedder
-from tests.support.token_fixtures import NER_LABELS, TREC_LABELS, make_named_text_model, make_token_model
-from tests.support.token_fixtures import plaintext_logits
+from tests.support.token_fixtures import (
+    NER_LABELS,
+    TREC_LABELS,
+    make_named_text_model,
+    make_token_model,
+    plaintext_logits,
+)
 
 KEY = "ner-key-0001"
 TEXTS = ["John Smith flew from Paris to New York with Acme Corp.", "Unbelievable: Zürich's café-owners strike!"]
@@ -33,8 +38,7 @@ def server(tmp_path_factory):
     models = tmp / "models"
     make_token_model(models / "tiny-ner")
     make_named_text_model(models / "tiny-trec")
-    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, workers=1,
-                        env={"CIPHERBERT_RATE_LIMIT": "off"})
+    proc = start_server(tmp, api_keys=f"acme:{KEY}", models_dir=models, workers=1, env={"CIPHERBERT_RATE_LIMIT": "off"})
     proc.extra["models"] = models
     yield proc
     proc.stop()
@@ -89,14 +93,26 @@ def test_named_multiclass_labels_come_back_from_classify(server, tmp_path):
 
 def test_cli_tag_and_classify_choose_by_task(server, tmp_path):
     base = ["--url", server.url, "--api-key", KEY, "--cache-dir", str(tmp_path), "--model", "tiny-ner", "-q"]
-    run = subprocess.run([sys.executable, "-m", "cipherbert.cli", "tag", *base, "--json", TEXTS[0]], cwd=REPO,
-                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    run = subprocess.run(
+        [sys.executable, "-m", "cipherbert.cli", "tag", *base, "--json", TEXTS[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ),
+    )
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
     assert row["text"] == TEXTS[0] and row["entities"] and row["aggregation_strategy"] == "simple"
     assert set(row["entities"][0]) == {"entity_group", "word", "start", "end", "score"}
-    run = subprocess.run([sys.executable, "-m", "cipherbert.cli", "classify", *base, TEXTS[0]], cwd=REPO,
-                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    run = subprocess.run(
+        [sys.executable, "-m", "cipherbert.cli", "classify", *base, TEXTS[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ),
+    )
     assert run.returncode == 0, run.stderr
     first = row["entities"][0]
     assert f"[{first['start']}:{first['end']}]" in run.stdout

@@ -46,8 +46,12 @@ def pipeline_entities(pipe, text: str, encoding, scores: np.ndarray, strategy: s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pre = pipe.gather_pre_entities(
-            text, np.array(encoding.ids), scores, [tuple(o) for o in encoding.offsets],
-            np.array(encoding.special_tokens_mask), s,
+            text,
+            np.array(encoding.ids),
+            scores,
+            [tuple(o) for o in encoding.offsets],
+            np.array(encoding.special_tokens_mask),
+            s,
         )
         grouped = pipe.aggregate(pre, s)
     out = [e for e in grouped if e.get("entity", e.get("entity_group")) != "O"]
@@ -81,8 +85,10 @@ def test_groups_follow_bio_and_offsets_point_into_the_text(pipeline_and_tokenize
     for i, t in enumerate(tags):
         logits[i, NER_LABELS.index(t)] = 5.0
     ents = tagging.aggregate(tagging.pieces_of(enc), logits, NER_LABELS, text, "simple", join=tok.decoder.decode)
-    assert [(e["entity_group"], text[e["start"] : e["end"]]) for e in ents] == [("PER", "John Smith"),
-                                                                                ("LOC", "New York")]
+    assert [(e["entity_group"], text[e["start"] : e["end"]]) for e in ents] == [
+        ("PER", "John Smith"),
+        ("LOC", "New York"),
+    ]
     assert [e["word"] for e in ents] == ["john smith", "new york"]  # decoded pieces, as the pipeline gives
     assert all(0.99 < e["score"] <= 1.0 for e in ents)
     with pytest.raises(ValueError, match="aggregation strategy"):

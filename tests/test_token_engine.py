@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 
 from he_models import protocol_spec
-from he_models.client import ClientKeys, Embedder, ProtocolViolation, answer_round, decrypt_token_logits
-from he_models.client import encrypt_embeddings
+from he_models.client import (
+    ClientKeys,
+    Embedder,
+    ProtocolViolation,
+    answer_round,
+    decrypt_token_logits,
+    encrypt_embeddings,
+)
 from he_models.config import HEConfig
 from he_models.engine import EncryptedEngine, EngineError
 from he_models.plan import PlanError, compile_plan, simulate
