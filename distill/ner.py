@@ -59,8 +59,11 @@ DEFAULTS: dict = {
                 "hidden_weight": 1.0, "attn_weight": 1.0, "layer_map": None,
                 "softmax_score_bound": 12.0, "gelu_input_bound": 12.0, "range_penalty_weight": 1.0},
     "tiny_exact": {"enabled": True},
-    "ablation": {"enabled": True, "stage1_epochs": 2, "stage2_epochs": 3,
-                 "variants": {"softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
+    # shorter runs than the shipped student's (labelled so in metrics.json); augment: use the augmented copies
+    "ablation": {"enabled": True, "stage1_epochs": 2, "stage2_epochs": 3, "augment": True,
+                 "variants": {"exact_reference": EXACT,
+                              "all_three": {"softmax": "2quad_fixed", "gelu": "quad", "layernorm": "affine"},
+                              "softmax_only": {"softmax": "2quad_fixed", "gelu": "exact", "layernorm": "exact"},
                               "gelu_only": {"softmax": "exact", "gelu": "quad", "layernorm": "exact"},
                               "layernorm_only": {"softmax": "exact", "gelu": "exact", "layernorm": "affine"}}},
 }
@@ -336,6 +339,8 @@ def run_student(cfg: dict, name: str, he_cfg: HEConfig, teacher: TokenTeacher, e
     from distill.pipeline import approximations
 
     result = {"name": name, "seconds": res["seconds"], "history": res["history"],
+              "schedule": {"stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "augmented": aug is not None,
+                           "train_sentences": len(enc["train"]) + (len(aug) if aug is not None else 0)},
               "approximations": approximations(model.config), "scores": scores(student_forward(model), enc, tags),
               "ranges": model.recorded_ranges(), "params": sum(p.numel() for p in model.parameters())}
     model.save_pretrained(sdir / "model")
@@ -380,9 +385,12 @@ def metrics_from(cfg: dict, parts: dict, tinfo: dict, teacher_scores: dict, resu
              train_seconds_by_stage={"teacher_finetune": round(tinfo.get("seconds", 0.0), 1),
                                      **{k: round(v.get("seconds", 0.0), 1) for k, v in results.items()}},
              teacher_dev_f1_by_epoch=[h["dev"]["f1"] for h in tinfo.get("history", [])],
+             **{f"{k}_dev_f1_by_stage2_epoch": [h["dev_f1"] for h in results[k].get("history", []) if "dev_f1" in h]
+                for k in ("he_friendly", "tiny_exact") if k in results},
              device="cpu", config=cfg,
              ablation={k: {"scores": v.get("scores"), "approximations": v.get("approximations"),
-                           "seconds": v.get("seconds")} for k, v in results.items() if k.startswith("ablation")})
+                           "seconds": v.get("seconds"), "schedule": v.get("schedule")}
+                       for k, v in results.items() if k.startswith("ablation")})
     return m
 
 
@@ -420,7 +428,7 @@ def run(cfg: dict) -> dict:
             continue
         student, results[name] = run_student(cfg, name, s_cfg, teacher, enc, t_logits, hidden, tags,
                                              stage1_epochs=sched["stage1_epochs"],
-                                             stage2_epochs=sched["stage2_epochs"])
+                                             stage2_epochs=sched["stage2_epochs"], use_aug=sched.get("augment", True))
         if name == "he_friendly":
             ship(cfg, student, tok, {})
     for name in ("he_friendly", "tiny_exact"):  # results trained by another worker

@@ -117,6 +117,16 @@ def test_unknown_dev_label_names_the_line_and_the_known_names(tmp_path):
         load_examples(ints, {"negative": 0, "positive": 1})
 
 
+def test_a_name_among_integer_labels_is_a_typo_with_its_line(tmp_path):
+    mixed = tmp_path / "m.csv"
+    mixed.write_text("text,label\nwin a prize,1\nsee you,0\nok then,maybe\n")
+    with pytest.raises(DatasetError, match=r"m.csv:4: label 'maybe' is not an integer, unlike the labels above it"):
+        load_examples(mixed)
+    mixed.write_text("text,label\nhow many?,NUM\nwhere?,2\n")
+    with pytest.raises(DatasetError, match=r"m.csv:3: label '2' is an integer, unlike the labels above it"):
+        load_examples(mixed)
+
+
 # ---- token classification (CoNLL / JSONL) ---------------------------------------------------------
 
 def test_conll2003_shipped_splits_and_bio_tags():

@@ -24,8 +24,17 @@ BASE_NAMES = {0: "spam", 1: "ham"}
 @pytest.fixture(scope="module")
 def named_base(tmp_path_factory):
     texts = [e.text for e in load_sms_spam()[:400]]
-    return make_random_base(tmp_path_factory.mktemp("named-base"), texts=texts, vocab_size=300, hidden_size=16,
-                            num_heads=2, intermediate_size=32, max_position=32, num_layers=2, id2label=BASE_NAMES)
+    return make_random_base(
+        tmp_path_factory.mktemp("named-base"),
+        texts=texts,
+        vocab_size=300,
+        hidden_size=16,
+        num_heads=2,
+        intermediate_size=32,
+        max_position=32,
+        num_layers=2,
+        id2label=BASE_NAMES,
+    )
 
 
 def write_rows(path, names: dict[int, str], n: int = 40):
@@ -62,8 +71,25 @@ def test_integer_labels_on_a_named_base_are_not_given_its_names(tmp_path, named_
 def test_dp_finetune_writes_the_kept_names_to_config_json(tmp_path, named_base):
     path, _ = write_rows(tmp_path / "d.jsonl", {0: "ham", 1: "spam"}, n=48)
     out = tmp_path / "dp-model"
-    rc = main(["--data", str(path), "--base", str(named_base), "--out", str(out), "--epochs", "1", "--quiet",
-               "--max-length", "24", "--no-dp", "--batch-size", "16", "--keep-head"])
+    rc = main(
+        [
+            "--data",
+            str(path),
+            "--base",
+            str(named_base),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--quiet",
+            "--max-length",
+            "24",
+            "--no-dp",
+            "--batch-size",
+            "16",
+            "--keep-head",
+        ]
+    )
     assert rc == 0
     cfg = HEConfig.load(out)
     assert cfg.id2label == BASE_NAMES and cfg.label2id == {"spam": 0, "ham": 1}
