@@ -116,3 +116,30 @@ def test_cli_tag_and_classify_choose_by_task(server, tmp_path):
     assert run.returncode == 0, run.stderr
     first = row["entities"][0]
     assert f"[{first['start']}:{first['end']}]" in run.stdout
+
+
+@pytest.mark.slow
+def test_shipped_conll_model_tags_encrypted_as_in_plaintext(tmp_path):
+    """models/he-bert-tiny-conll served for real: entities of the encrypted run equal the plaintext model's."""
+    model_dir = REPO / "models" / "he-bert-tiny-conll"
+    if not (model_dir / "model.safetensors").exists():
+        pytest.skip("models/he-bert-tiny-conll is not in this checkout")
+    proc = start_server(tmp_path, api_keys=f"acme:{KEY}", models=[str(model_dir)], workers=1,
+                        env={"CIPHERBERT_RATE_LIMIT": "off"})
+    text = "Angela Merkel met Emmanuel Macron in Paris to talk about Airbus and the European Union."
+    try:
+        with Client(proc.url, KEY, model="he-bert-tiny-conll", cache_dir=tmp_path / "c") as client:
+            bundle, _ = client.bundle()
+            labels = bundle["labels"]
+            result = client.tag(text)
+    finally:
+        proc.stop()
+    assert bundle["task"] == "token-classification" and "B-PER" in labels and labels[0] == "O"
+    embedder = Embedder.from_model_dir(model_dir)
+    enc = embedder.encode(text)
+    ref = plaintext_logits(model_dir, embedder.embed_ids(enc.ids))
+    want = tagging.aggregate(tagging.pieces_of(enc), ref, labels, text, "simple", join=embedder.tokenizer.decoder.decode)
+    assert [(e["entity_group"], e["start"], e["end"]) for e in result.entities] == [
+        (e["entity_group"], e["start"], e["end"]) for e in want
+    ]
+    assert {"PER", "LOC"} <= {e["entity_group"] for e in result.entities}
