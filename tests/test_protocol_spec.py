@@ -157,7 +157,7 @@ def test_token_model_final_envelope_follows_the_spec(tmp_path_factory, n):
         crypto.close()
     assert logits.shape == (n, bundle["num_labels"])
     ref = simulate(engine.plan, emb).logits
-    assert np.abs(logits - ref).max() < 2e-4 * np.abs(ref).max()
+    assert np.abs(logits - ref).max() < 1e-2  # as for the text model: CKKS at 2^36 with 2^10-wide masks
 
 
 def test_key_header_schema_is_the_one_the_server_enforces():

@@ -59,7 +59,7 @@ def test_tag_matches_plaintext_entities(server, tmp_path):
         for text, strategy in zip(TEXTS, ("simple", "first"), strict=True):
             result = client.tag(text, aggregation_strategy=strategy)
             want, ref = plaintext_tag(model_dir, text, strategy)
-            assert np.abs(np.array(result.logits) - ref).max() < 2e-4 * np.abs(ref).max()
+            assert np.abs(np.array(result.logits) - ref).max() < 1e-3 * np.abs(ref).max()
             assert [(e["entity_group"], e["start"], e["end"], e["word"]) for e in result.entities] == [
                 (e["entity_group"], e["start"], e["end"], e["word"]) for e in want
             ]
