@@ -20,10 +20,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 def labels(plan: HEPlan, model_dir: Path | None) -> list[str]:
     """The label names in id order: config.json's `id2label` (as Hugging Face writes it). A model whose
-    config.json names no labels (written before id2label existed) keeps what it was served with: its
-    labels.json, else negative/positive for two labels, else 0..n-1."""
-    if model_dir is None or "id2label" in _raw_config(model_dir):
-        return plan.config.labels
+    config.json names no labels (written before id2label existed, or only HF's LABEL_i placeholders) keeps
+    what it was served with: its labels.json, else negative/positive for two labels, else 0..n-1."""
+    names = plan.config.labels
+    unnamed = names == [f"LABEL_{i}" for i in range(len(names))]  # HF's placeholders: no names were given
+    if model_dir is None or ("id2label" in _raw_config(model_dir) and not unnamed):
+        return names
     if (model_dir / "labels.json").exists():
         names = [str(x) for x in json.loads((model_dir / "labels.json").read_text())]
         if len(names) != plan.config.num_labels:
