@@ -84,7 +84,7 @@ def test_named_multiclass_labels_come_back_from_classify(server, tmp_path):
             result = client.classify(text)
             ref = plaintext_logits(model_dir, Embedder.from_model_dir(model_dir).embed(text))
             assert result.label == TREC_LABELS[int(np.argmax(ref))]
-            assert np.abs(np.array(result.logits) - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+            assert np.abs(np.array(result.logits) - ref).max() < max(1e-2, 1e-3 * np.abs(ref).max())
         with pytest.raises(CipherbertError, match="Client.classify"):
             client.tag("Who wrote Hamlet?")
     models = {m["model_id"]: m for m in Client(server.url, KEY, cache_dir=tmp_path).models()}
