@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from he_models import opcount
-from he_models.client import ClientKeys, Embedder, answer_round, decrypt_logits, encrypt_embeddings
+from he_models.client import (
+    ClientKeys,
+    Embedder,
+    answer_round,
+    decrypt_logits,
+    decrypt_token_logits,
+    encrypt_embeddings,
+)
 from he_models.engine import EncryptedEngine
 from he_models.kernels import apply_map
 from he_models.opcount import multiply_plain_floor
@@ -94,7 +101,10 @@ def encrypted_run(engine: EncryptedEngine, keys: ClientKeys, ctx, emb: np.ndarra
         server += time.perf_counter() - ts
         rounds += 1
     download += sum(map(len, out.to_client))
-    logits = decrypt_logits(keys, out.meta, out.to_client)
+    if out.kind == "token_logits":  # a token-classification model: (n, labels), no pooling
+        logits = decrypt_token_logits(keys, out.meta, out.to_client, num_labels=engine.cfg.num_labels, geometry=geo)
+    else:
+        logits = decrypt_logits(keys, out.meta, out.to_client)
     return {"e2e": time.perf_counter() - t0, "server": server, "rounds": rounds, "upload": upload,
             "download": download, "logits": logits}
 
@@ -267,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens for the naive TenSEAL baseline (per-token time is what is compared)")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine.json")
     parser.add_argument("--workers", type=int, default=2, help="engine processes per query (1 or 2)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="only the latency table: no one-process rows, op counts, batch or naive baseline")
     parser.add_argument("--mask-trade", action="store_true",
                         help="only measure logit error against mask size; writes bench/results/mask_precision.json")
     args = parser.parse_args(argv)
@@ -333,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     x32 = embedder.embed_ids(token_ids(embedder, 32))
     model_hash, params, limits = engine.model_hash, engine.plan.params.to_dict(), engine.mask_limits
     galois_steps = engine.plan.galois_steps
+    task = engine.cfg.task
+    if args.no_baselines:
+        engine.close()
+        return write_report(args.out, {
+            "machine": machine_info(), "load_average": list(os.getloadavg()), "engine_workers": args.workers,
+            "model": str(args.model.name), "task": task, "model_hash": model_hash, "ckks": params,
+            "galois_steps": galois_steps, "eval_key_bytes": len(public), "engine_load_s": load_s,
+            "results": results, "note": "latency table only (--no-baselines)",
+        })
     if args.workers == 1:
         single = engine
     else:
@@ -381,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": list(os.getloadavg()),
         "engine_workers": args.workers,
         "model": str(args.model.name),
+        "task": task,
         "model_hash": model_hash,
         "ckks": params,
         "galois_steps": galois_steps,
@@ -402,9 +424,13 @@ def main(argv: list[str] | None = None) -> int:
                 "for the service over HTTP. ops: critical path of one inference in one engine process "
                 "(opcount sections named 'precompute' excluded); load_average: os.getloadavg() at the end",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    return write_report(args.out, report)
+
+
+def write_report(out: Path, report: dict) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """cipherbert: privacy-preserving BERT-Tiny inference under CKKS, one public namespace.
 
-    from cipherbert import Client, CipherbertError, Result        # the SDK (no torch, no fastapi)
+    from cipherbert import Client, CipherbertError, Result, TagResult  # the SDK (no torch, no fastapi)
     from cipherbert import EncryptedEngine, HEConfig, HEFriendlyBert  # the engine and the model
     from cipherbert import create_app, Settings                    # the service
 
@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "Client": "clients.sdk",
     "CipherbertError": "clients.sdk",
     "Result": "clients.sdk",
+    "TagResult": "clients.tagging",
     "Session": "clients.sdk",
     "ClientHalf": "clients.client_half",
     "HEModelsClientHalf": "clients.client_half",

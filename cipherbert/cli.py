@@ -1,8 +1,10 @@
-"""The `cipherbert` command line: serve, keys, classify, models, and the training entry points.
+"""The `cipherbert` command line: serve, keys, classify, tag, models, and the training entry points.
 
     cipherbert serve --host 127.0.0.1 --port 8000 --data-dir data/service
     cipherbert keys create --url http://127.0.0.1:8000 --api-key KEY
     cipherbert classify --url http://127.0.0.1:8000 --api-key KEY --json "a gripping film"
+    cipherbert tag --url http://127.0.0.1:8000 --api-key KEY "John Smith lives in Paris"
+      (`classify` on a token-classification model tags instead)
     cipherbert distill ...        (delegates to distill.__main__.main)
     cipherbert dp-finetune ...    (delegates to dp_training.__main__.main)
 
@@ -85,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object per text")
     c.add_argument("--concurrency", type=int, default=1, help="inferences in flight at once (several texts)")
     c.add_argument("text", nargs="+", help="sentence(s) to classify")
+
+    t = sub.add_parser("tag", help="token classification (NER) encrypted end to end: entities with offsets")
+    _client_args(t)
+    t.add_argument("--json", action="store_true", help="print one JSON object per text (entities, tokens, words)")
+    t.add_argument(
+        "--aggregation-strategy",
+        default="simple",
+        choices=("simple", "first", "none"),
+        help="how pieces become entities, as in transformers' NER pipeline (default simple)",
+    )
+    t.add_argument("text", nargs="+", help="sentence(s) to tag")
 
     sub.add_parser("distill", help="train the HE-friendly student (distill.__main__)", add_help=False)
     sub.add_parser("dp-finetune", help="DP fine-tuning (dp_training.__main__)", add_help=False)
@@ -201,6 +214,8 @@ def cmd_keys(args) -> int:
 
 def cmd_classify(args) -> int:
     with _client(args) as client:
+        if client.task() == "token-classification":
+            return _print_tags(client, args.text, args.json, getattr(args, "aggregation_strategy", "simple"))
         results = client.classify_batch(args.text, concurrency=args.concurrency)
         for text, r in zip(args.text, results, strict=True):
             if args.json:
@@ -211,6 +226,26 @@ def cmd_classify(args) -> int:
                     f"{r.label}\t[{probs}]\t{r.latency_s:.2f} s\tup {r.upload_bytes / 1e6:.2f} MB"
                     f"\tdown {r.download_bytes / 1e6:.2f} MB\trounds {r.rounds}\t{text}"
                 )
+    return 0
+
+
+def cmd_tag(args) -> int:
+    with _client(args) as client:
+        return _print_tags(client, args.text, args.json, args.aggregation_strategy)
+
+
+def _print_tags(client, texts: list[str], as_json: bool, strategy: str) -> int:
+    for text in texts:
+        r = client.tag(text, aggregation_strategy=strategy)
+        if as_json:
+            print(json.dumps({"text": text, **r.to_dict()}))
+            continue
+        print(f"{text}\t({r.latency_s:.2f} s, {r.n_tokens} tokens, rounds {r.rounds})")
+        for e in r.entities:
+            group = e.get("entity_group", e.get("entity"))
+            print(f"  {group}\t{text[e['start'] : e['end']]!r}\t[{e['start']}:{e['end']}]\t{e['score']:.3f}")
+        if not r.entities:
+            print("  (no entities)")
     return 0
 
 
@@ -231,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from clients.sdk import CipherbertError
 
-    handlers = {"serve": cmd_serve, "models": cmd_models, "keys": cmd_keys, "classify": cmd_classify}
+    handlers = {"serve": cmd_serve, "models": cmd_models, "keys": cmd_keys, "classify": cmd_classify, "tag": cmd_tag}
     try:
         return handlers[args.command](args)
     except CipherbertError as exc:

@@ -2,6 +2,7 @@
 
 from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
 from clients.sdk import CipherbertError, Client, Result, Session
+from clients.tagging import TagResult
 
 __all__ = [
     "CipherbertError",
@@ -11,5 +12,6 @@ __all__ = [
     "KeySet",
     "Result",
     "Session",
+    "TagResult",
     "TextEmbedder",
 ]

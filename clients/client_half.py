@@ -32,6 +32,12 @@ class TextEmbedder(Protocol):
 
     def embed(self, text: str) -> np.ndarray: ...
 
+    def encode(self, text: str) -> Any:
+        """The tokenizers.Encoding of the text (ids, tokens, offsets); token classification aligns with it."""
+        ...
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray: ...
+
 
 class ClientHalf(Protocol):
     """The functions the SDK calls on the client side of encrypted inference."""
@@ -55,6 +61,12 @@ class ClientHalf(Protocol):
 
     def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int) -> np.ndarray:
         """The logits; refuse a count other than the bundle's `num_labels`."""
+        ...
+
+    def decrypt_token_logits(
+        self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int, geometry: Any
+    ) -> np.ndarray:
+        """(n, num_labels) logits of a token-classification model, for this sentence's `geometry`."""
         ...
 
 
@@ -87,3 +99,8 @@ class HEModelsClientHalf:
 
     def decrypt_logits(self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int) -> np.ndarray:
         return he_client.decrypt_logits(keys, meta, to_client, num_labels=num_labels)
+
+    def decrypt_token_logits(
+        self, keys: Any, meta: dict, to_client: list[bytes], num_labels: int, geometry: Any
+    ) -> np.ndarray:
+        return he_client.decrypt_token_logits(keys, meta, to_client, num_labels=num_labels, geometry=geometry)

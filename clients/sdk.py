@@ -36,13 +36,16 @@ from typing import Any
 import httpx
 import numpy as np
 
+from clients import tagging
 from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
+from clients.tagging import TagResult
 from clients.trust import BundlePins, RoundGuard, TrustError, check_security
 from he_models.wire import WireError, pack_frames, unpack_frames
 
 ROUND_TOKEN_HEADER = "X-Cipherbert-Round-Token"
 FRAMES_MEDIA_TYPE = "application/vnd.cipherbert.frames"
 DEFAULT_CLIENT_MODULE = "he_models.client"
+TEXT_TASK, TOKEN_TASK = "text-classification", "token-classification"  # the bundle's `task` (HF pipeline names)
 
 
 class CipherbertError(RuntimeError):
@@ -399,19 +402,37 @@ class Client:
         An inference the server can no longer resume (its state expired or was lost: 404
         unknown_inference, or 409 wrong_round for a round this client never got an answer to) is started
         again from the beginning, once; a misbehaving server is never retried."""
+        return self._recovering(lambda: self._classify(text, model), model)
+
+    def tag(self, text: str, model: str | None = None, aggregation_strategy: str = "simple") -> TagResult:
+        """Token classification (NER) of one text, encrypted end to end: entities as transformers'
+        pipeline("ner", aggregation_strategy=...) returns them ("simple", "first" or "none"), with
+        character offsets into `text`, plus per-piece and per-word labels (TagResult)."""
+        if aggregation_strategy not in tagging.STRATEGIES:
+            raise CipherbertError(
+                f"aggregation_strategy {aggregation_strategy!r}: use one of {list(tagging.STRATEGIES)}"
+            )
+        return self._recovering(lambda: self._tag(text, model, aggregation_strategy), model)
+
+    def task(self, model: str | None = None) -> str:
+        """The model's task as its bundle says: "text-classification" or "token-classification"."""
+        return str(self.bundle(model)[0].get("task", TEXT_TASK))
+
+    def _recovering(self, attempt: Callable[[], Any], model: str | None) -> Any:
+        """One inference, started again once if the server cannot resume it; errors as CipherbertError."""
         try:
-            result = self._classify_once(text, model)
+            result = self._once(attempt, model)
         except CipherbertError as exc:
             if exc.inference_id is None or exc.code not in RESTARTABLE:
                 raise
             self.progress(f"inference {exc.inference_id} cannot be resumed ({exc.code}); starting again")
-            result = self._classify_once(text, model)
+            result = self._once(attempt, model)
             result.restarts = 1
         return result
 
-    def _classify_once(self, text: str, model: str | None) -> Result:
+    def _once(self, attempt: Callable[[], Any], model: str | None) -> Any:
         try:
-            return self._classify_with_live_key(text, model)
+            return self._with_live_key(attempt, model)
         except TrustError as exc:  # the server broke the protocol's order or counts
             raise CipherbertError(f"the server misbehaved: {exc}", code=exc.code) from None
         except ValueError as exc:
@@ -422,17 +443,17 @@ class Client:
         except KeyError as exc:  # client-half errors: bad server data
             raise CipherbertError(f"cannot classify this text: {exc}") from None
 
-    def _classify_with_live_key(self, text: str, model: str | None) -> Result:
+    def _with_live_key(self, attempt: Callable[[], Any], model: str | None) -> Any:
         """Keys are renewed before they expire (`_live_session`); a key the server no longer has
         (expired anyway, or deleted) is registered again and the inference rerun, up to KEY_ATTEMPTS runs."""
-        for attempt in range(KEY_ATTEMPTS):
+        for attempt_no in range(KEY_ATTEMPTS):
             t0 = time.time()
             try:
-                result = self._classify(text, model)
+                result = attempt()
                 self._observe_inference(time.time() - t0)
                 return result
             except CipherbertError as exc:
-                if exc.code != "unknown_key" or attempt == KEY_ATTEMPTS - 1:
+                if exc.code != "unknown_key" or attempt_no == KEY_ATTEMPTS - 1:
                     raise
                 self._observe_inference(time.time() - t0)  # it ran out of key time: renew earlier from now on
                 self._sessions.pop(model or self.model_id(), None)
@@ -446,13 +467,22 @@ class Client:
         self._bundles.pop(model, None)
         self._sessions.pop(model, None)
 
-    def _classify(self, text: str, model: str | None = None) -> Result:
+    def _session_for(self, text: str, model: str | None, task: str) -> Session:
         if not isinstance(text, str) or not text.strip():
             raise CipherbertError("cannot classify an empty text")
-        session, half = self._live_session(model), self.client_half
-        keys, bundle = session.keys, session.bundle
-        t0 = time.perf_counter()
-        emb = np.asarray(session.embedder.embed(text))
+        session = self._live_session(model)
+        theirs = str(session.bundle.get("task", TEXT_TASK))
+        if theirs != task:
+            use = "Client.tag(text) (cipherbert tag)" if theirs == TOKEN_TASK else "Client.classify(text)"
+            raise CipherbertError(
+                f"model {session.bundle['model_id']!r} does {theirs}, not {task}: use {use}", code="wrong_task"
+            )
+        return session
+
+    def _run(self, session: Session, emb: np.ndarray, t0: float) -> tuple[Any, dict, list[bytes], dict]:
+        """Encrypt the embeddings, start the inference and answer every round: (geometry, final header,
+        its ciphertexts, the counters of a Result)."""
+        half, keys, bundle = self.client_half, session.keys, session.bundle
         n_tokens = int(emb.shape[0])
         geo = half.geometry(bundle, n_tokens)
         frames = half.encrypt_embeddings(keys, emb, geo)
@@ -484,26 +514,68 @@ class Client:
             up, down = up + u, down + d
             replicas.append(replica)
             t_server += float(header.get("server_s") or 0.0)
+        counters = {
+            "upload_bytes": up,
+            "download_bytes": down,
+            "rounds": rounds,
+            "n_tokens": n_tokens,
+            "inference_id": header["inference_id"],
+            "model_id": bundle["model_id"],
+            "replicas": replicas,
+            "timings": {"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server},
+        }
+        return geo, header, to_client, counters
+
+    def _classify(self, text: str, model: str | None = None) -> Result:
+        session = self._session_for(text, model, TEXT_TASK)
+        t0 = time.perf_counter()
+        emb = np.asarray(session.embedder.embed(text))
+        _, header, to_client, counters = self._run(session, emb, t0)
         tc = time.perf_counter()
-        meta = header.get("meta") or {}
-        logits = np.asarray(half.decrypt_logits(keys, meta, to_client, int(bundle["num_labels"])), dtype=np.float64)
-        t_client += time.perf_counter() - tc
+        meta, num_labels = header.get("meta") or {}, int(session.bundle["num_labels"])
+        logits = np.asarray(
+            self.client_half.decrypt_logits(session.keys, meta, to_client, num_labels), dtype=np.float64
+        )
+        counters["timings"]["client_rounds_s"] += time.perf_counter() - tc
         probs = _softmax(logits)
-        labels = bundle.get("labels") or [str(i) for i in range(len(logits))]
+        labels = session.bundle.get("labels") or [str(i) for i in range(len(logits))]
         idx = int(np.argmax(logits))
         return Result(
             label=str(labels[idx]) if idx < len(labels) else str(idx),
             probabilities=[float(p) for p in probs],
             logits=[float(x) for x in logits],
             latency_s=time.perf_counter() - t0,
-            upload_bytes=up,
-            download_bytes=down,
-            rounds=rounds,
-            n_tokens=n_tokens,
-            inference_id=header["inference_id"],
-            model_id=bundle["model_id"],
-            replicas=replicas,
-            timings={"encrypt_s": t_enc, "client_rounds_s": t_client, "server_engine_s": t_server},
+            **counters,
+        )
+
+    def _tag(self, text: str, model: str | None, strategy: str) -> TagResult:
+        session = self._session_for(text, model, TOKEN_TASK)
+        t0 = time.perf_counter()
+        encoding = session.embedder.encode(text)
+        emb = np.asarray(session.embedder.embed_ids(list(encoding.ids)))
+        geo, header, to_client, counters = self._run(session, emb, t0)
+        tc = time.perf_counter()
+        labels = [str(x) for x in session.bundle["labels"]]
+        logits = np.asarray(
+            self.client_half.decrypt_token_logits(session.keys, header.get("meta") or {}, to_client, len(labels), geo),
+            dtype=np.float64,
+        )
+        counters["timings"]["client_rounds_s"] += time.perf_counter() - tc
+        tokenizer = getattr(session.embedder, "tokenizer", None)
+        join = (
+            tokenizer.decoder.decode if tokenizer is not None and tokenizer.decoder is not None else tagging.join_pieces
+        )
+        pieces = tagging.pieces_of(encoding)
+        entities, tokens, words = tagging.tag_views(pieces, logits, labels, text, strategy, join)
+        return TagResult(
+            entities=entities,
+            tokens=tokens,
+            words=words,
+            logits=logits.tolist(),
+            labels=labels,
+            aggregation_strategy=strategy,
+            latency_s=time.perf_counter() - t0,
+            **counters,
         )
 
     def classify_batch(self, texts: list[str], model: str | None = None, concurrency: int = 1) -> list[Result]:

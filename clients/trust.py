@@ -6,7 +6,7 @@
   hash, every file's sha256, CKKS parameters, protocol); a later change fails loudly until the user
   accepts it (`forget`).
 - `RoundGuard`: rounds must come in order, with the kinds and the count the bundle announced, for one
-  inference, then exactly one logits envelope.
+  inference, then exactly one logits envelope (`token_logits` for a token-classification model).
 
 Depends on he_models.protocol_spec (the protocol's tables) and the standard library only.
 """
@@ -126,8 +126,16 @@ class RoundGuard:
         self.kinds: list[str] | None = list(kinds) if kinds is not None else None
         if self.kinds is not None and len(self.kinds) != self.rounds:
             raise TrustError(f"the bundle announces {self.rounds} rounds but {len(self.kinds)} kinds", "bad_bundle")
-        # One logit per ciphertext is he_models' protocol; another client half may pack them together.
+        # The final envelope's kind follows the bundle's task (bundles before tasks: text classification).
+        try:
+            self.final_kind = protocol_spec.final_kind(str(bundle.get("task", "text-classification")))
+        except ValueError as exc:
+            raise TrustError(f"the bundle's task: {exc}", "bad_bundle") from None
+        # One logit per ciphertext is he_models' protocol for text models; another client half may pack them
+        # together, and token logits depend on the sentence's length (the client half counts those).
         self.num_labels = int(bundle.get("num_labels", 0)) or None if bundle.get("protocol") else None
+        if self.final_kind != "logits":
+            self.num_labels = None
         self.inference_id: str | None = None
         self.expected = 1
         self.finished = False
@@ -151,8 +159,8 @@ class RoundGuard:
         if done:
             if self.rounds and rnd != self.rounds + 1:
                 raise TrustError(f"logits after {rnd - 1} rounds; the bundle announces {self.rounds}", "round_order")
-            if kind != "logits":
-                raise TrustError(f"the final envelope has kind {kind!r}, not 'logits'", "round_kind")
+            if kind != self.final_kind:
+                raise TrustError(f"the final envelope has kind {kind!r}, not {self.final_kind!r}", "round_kind")
             if self.num_labels is not None and frames != self.num_labels:
                 raise TrustError(f"{frames} logit ciphertexts for {self.num_labels} labels", "frame_count")
             self.finished = True

@@ -13,23 +13,41 @@ from pathlib import Path
 
 from he_models import protocol_spec
 from he_models.layout import PROTOCOL
-from he_models.plan import HEPlan
+from he_models.plan import HEPlan, PlanError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def labels(plan: HEPlan, model_dir: Path | None) -> list[str]:
-    """labels.json when the model ships one, else negative/positive or 0..n-1."""
-    if model_dir is not None and (model_dir / "labels.json").exists():
-        return list(json.loads((model_dir / "labels.json").read_text()))
+    """The label names in id order: config.json's `id2label` (as Hugging Face writes it). A model whose
+    config.json names no labels (written before id2label existed, or only HF's LABEL_i placeholders) keeps
+    what it was served with: its labels.json, else negative/positive for two labels, else 0..n-1."""
+    names = plan.config.labels
+    unnamed = names == [f"LABEL_{i}" for i in range(len(names))]  # HF's placeholders: no names were given
+    if model_dir is None or ("id2label" in _raw_config(model_dir) and not unnamed):
+        return names
+    if (model_dir / "labels.json").exists():
+        names = [str(x) for x in json.loads((model_dir / "labels.json").read_text())]
+        if len(names) != plan.config.num_labels:
+            raise PlanError(
+                f"{model_dir / 'labels.json'} names {len(names)} labels; the model has {plan.config.num_labels}"
+            )
+        return names
     if plan.config.num_labels == 2:
         return ["negative", "positive"]
     return [str(i) for i in range(plan.config.num_labels)]
 
 
+def _raw_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return data if isinstance(data, dict) else {}
+
+
 def client_bundle(plan: HEPlan, model_id: str, model_dir: Path | None) -> dict:
     """JSON-able description of the model for the client: parameters, layout sizes, labels, files."""
     cfg = plan.config
+    names = labels(plan, model_dir)
     return {
         "model_id": model_id,
         "model_hash": plan.model_hash,
@@ -41,10 +59,11 @@ def client_bundle(plan: HEPlan, model_id: str, model_dir: Path | None) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "max_tokens": cfg.max_position,
         "num_labels": cfg.num_labels,
-        "labels": labels(plan, model_dir),
+        "labels": names,
+        "id2label": {str(i): name for i, name in enumerate(names)},  # as in a Hugging Face config.json
         "rounds": plan.rounds,
         **protocol_spec.bundle_protocol_fields(
-            len(plan.layers), list(plan.params.coeff_mod_bit_sizes), plan.params.scale_bits
+            len(plan.layers), list(plan.params.coeff_mod_bit_sizes), plan.params.scale_bits, cfg.task
         ),
         "files": sorted(client_bundle_files(plan, model_dir)),
     }

@@ -245,6 +245,32 @@ def decrypt_segment_logits(keys: ClientKeys, meta: dict, payloads: list[bytes], 
     return np.array([v[:segments] for v in values]).T
 
 
+def decrypt_token_logits(
+    keys: ClientKeys, meta: dict, payloads: list[bytes], *, num_labels: int, geometry: Geometry | None = None
+) -> np.ndarray:
+    """(n, num_labels) logits of a token-classification model: the FM layout with F = num_labels.
+
+    The meta must describe this sentence's geometry and the frames the protocol gives for it."""
+    check_protocol(meta)
+    try:
+        geo = Geometry.from_dict(meta["geometry"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolViolation("token_logits: meta lacks a valid geometry") from None
+    if geometry is not None and geo != geometry:
+        raise ProtocolViolation(
+            f"token_logits: the server packs for {geo.to_dict()}, this sentence is {geometry.to_dict()}"
+        )
+    want = protocol_spec.round_tensors("token_logits", geo.to_dict(), num_labels)
+    if meta.get("tensors") != want:
+        raise ProtocolViolation(f"token_logits: the server describes {meta.get('tensors')}; the protocol says {want}")
+    expect = sum(t["frames"] for t in want["send"])
+    if len(payloads) != expect:
+        raise ProtocolViolation(f"the server sent {len(payloads)} token-logit ciphertexts; the protocol says {expect}")
+    values = keys.decrypt(payloads)
+    check_headroom(keys.params, values, "token logits")
+    return geo.unpack_fm(values, num_labels)
+
+
 @dataclass
 class Embedder:
     """Tokenizer + embedding tables; the client embeds in plaintext before encrypting."""
@@ -280,10 +306,14 @@ class Embedder:
         limit = max_tokens or int(config.get("max_position", 128))
         return cls.from_files(model_dir / "tokenizer.json", {k: tables[k] for k in EMBEDDING_TENSORS}, limit)
 
-    def token_ids(self, text: str) -> list[int]:
+    def encode(self, text: str) -> Any:
+        """The tokenizers.Encoding of the text (truncated to max_tokens): ids, pieces, character offsets."""
         if not text or not text.strip():
             raise ClientError("text is empty")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text)
+
+    def token_ids(self, text: str) -> list[int]:
+        return self.encode(text).ids
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
         index = np.asarray(ids[: self.max_tokens])
@@ -311,4 +341,5 @@ __all__ = [
     "check_headroom",
     "decrypt_logits",
     "decrypt_segment_logits",
+    "decrypt_token_logits",
 ]

@@ -24,6 +24,8 @@ from he_models.layout import CHUNK
 PLAN_FORMAT = "cipherbert-he-plan/1"
 ROUNDS_PER_LAYER = 4  # scores, context, refresh after attention, refresh after the FFN
 ROUND_KINDS = ("scores", "context", "refresh", "refresh")
+# What the engine's head computes: one logit vector per text (pooled) or per token (no pooling).
+ENGINE_TASKS = ("text-classification", "token-classification")
 BABY_STEPS = 8  # baby-step count of the within-block kernels; giant steps are taken Horner-style with one key
 GIANT_STEPS = (256, 512, 1024)  # giant rotations (both signs) available to block kernels
 
@@ -71,7 +73,7 @@ class HEPlan:
     params: CKKSParams
     config: HEConfig
     layers: list[LayerPlan]
-    head_w: np.ndarray  # (hidden, labels): final norm scale folded in; divide by n for mean pooling
+    head_w: np.ndarray  # (hidden, labels): final norm scale folded in; text models divide by n for mean pooling
     head_b: np.ndarray
     ranges: dict[str, float] = field(default_factory=dict)  # max |value| per masked tensor
     mask_bits: int = 10
@@ -135,6 +137,7 @@ class HEPlan:
             "format": PLAN_FORMAT,
             "model": self.config.name,
             "model_hash": self.model_hash,
+            "task": self.config.task,
             "ckks": self.params.to_dict(),
             "galois_steps": self.galois_steps,
             "rounds": self.rounds,
@@ -180,8 +183,21 @@ def check_he_friendly(config: HEConfig) -> None:
         raise PlanError("model is not HE-friendly: " + "; ".join(problems))
 
 
+def check_task(config: HEConfig, state: dict[str, np.ndarray]) -> None:
+    """The head the engine will run: a task it implements, and a classifier of num_labels x hidden."""
+    if config.task not in ENGINE_TASKS:
+        raise PlanError(f"task {config.task!r}: the engine runs {list(ENGINE_TASKS)}")
+    shape = tuple(state["classifier.weight"].shape) if "classifier.weight" in state else None
+    if shape != (config.num_labels, config.hidden_size):
+        raise PlanError(
+            f"classifier weight has shape {shape}; a {config.task} head for {config.num_labels} labels "
+            f"needs {(config.num_labels, config.hidden_size)}"
+        )
+
+
 def fold(config: HEConfig, state: dict[str, np.ndarray]) -> tuple[list[LayerPlan], np.ndarray, np.ndarray]:
     check_he_friendly(config)
+    check_task(config, state)
     dh = config.head_dim
     c2, c1, c0 = config.gelu_coeffs[2], config.gelu_coeffs[1], config.gelu_coeffs[0]
     if abs(c2) < 1e-9:
@@ -277,6 +293,8 @@ def simulate(plan: HEPlan, embeddings: np.ndarray) -> Trace:
             }
         )
         raw = y_raw
+    if cfg.task == "token-classification":  # one logit vector per token, no pooling
+        return Trace(logits=raw @ plan.head_w + plan.head_b, tensors=tensors)
     if cfg.pooling == "mean":
         pooled = raw.mean(0)
     else:

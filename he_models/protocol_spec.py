@@ -38,7 +38,7 @@ def block(n: int) -> int:
 
 
 # Quantities every formula may use, in the order they are defined. Inputs come from the bundle
-# (hidden_size, num_heads, intermediate_size, ckks.poly_modulus_degree) and the sentence (n).
+# (hidden_size, num_heads, intermediate_size, num_labels, ckks.poly_modulus_degree) and the sentence (n).
 QUANTITIES: tuple[tuple[str, str, str], ...] = (
     ("n", "input", "number of tokens of the sentence (after truncation to max_tokens), 1..max_tokens"),
     ("S", "poly_modulus_degree // 2", "slots per ciphertext"),
@@ -49,7 +49,12 @@ QUANTITIES: tuple[tuple[str, str, str], ...] = (
     ("n_p", "block(n)", "token block: the smallest of 32, 64, 128 that is >= n"),
     ("B", "max(n_p, dh)", "block length of the score and token-major layouts"),
     ("C", "cdiv(n, 32)", "feature-major chunks of 32 tokens"),
+    ("L", "num_labels", "labels (logits per text, or per token for a token-classification model)"),
 )
+
+# The bundle's `task` (Hugging Face pipeline names) decides the final envelope's kind.
+TASKS = ("text-classification", "token-classification")
+FINAL_KINDS = {"text-classification": "logits", "token-classification": "token_logits"}
 
 
 @dataclass(frozen=True)
@@ -124,19 +129,20 @@ TENSORS: tuple[Tensor, ...] = (
     Tensor(
         "logits", "server", 1, "L", "slot 0", "-", "one ciphertext per label c = 0..num_labels-1: logit c in slot 0"
     ),
+    Tensor("token_logits", "server", 1, "T", "FM", "L", "T[t, c] = logit of label c for token t (no pooling)"),
 )
 
 ROUND_META: tuple[tuple[str, str, str, str], ...] = (
-    ("protocol", "every round and the logits", "string", f"protocol version, {PROTOCOL!r}; refuse any other"),
+    ("protocol", "every round, logits and token_logits", "string", f"protocol version, {PROTOCOL!r}; refuse any other"),
     (
         "geometry",
-        "every round",
+        "every round and token_logits",
         "object",
         "{n, n_p, hidden, heads, intermediate, slots}: must equal the client's own n, block(n), H, heads, I, S",
     ),
     (
         "tensors",
-        "every round",
+        "every round and token_logits",
         "object",
         '{"send": [...], "reply": [...]}: the tensors of this message and of the reply the server expects, in '
         "frame order, each {tensor, layout, features, frames}; must equal the tables above for the round's kind "
@@ -144,8 +150,8 @@ ROUND_META: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("sigma", "scores", "number", "factor of the client's product R (1/sqrt(n) times the model's gains)"),
     ("context_scale", "context", "number", "factor of the client's product P (1/a_gain)"),
-    ("num_labels", "logits", "integer", "number of logit ciphertexts"),
-    ("labels", "logits", "list of strings", "label names, index = logit index"),
+    ("num_labels", "logits, token_logits", "integer", "number of labels (logits: of logit ciphertexts)"),
+    ("labels", "logits, token_logits", "list of strings", "label names, index = logit index"),
 )
 
 KEY_HEADER: tuple[tuple[str, str, str, str], ...] = (
@@ -167,23 +173,33 @@ KEY_HEADER: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def round_kind(round_no: int, layers: int) -> str:
-    """Kind of round r (1-based); round layers*4 + 1 is the logits."""
+def round_kind(round_no: int, layers: int, task: str = "text-classification") -> str:
+    """Kind of round r (1-based); round layers*4 + 1 is the logits (`token_logits` for a token model)."""
     if round_no == 4 * layers + 1:
-        return "logits"
+        return final_kind(task)
     return ROUND_KINDS[(round_no - 1) % 4]
+
+
+def final_kind(task: str) -> str:
+    """The kind of the envelope that ends an inference, for the bundle's task."""
+    if task not in FINAL_KINDS:
+        raise ValueError(f"unknown task {task!r}; this protocol knows {list(TASKS)}")
+    return FINAL_KINDS[task]
 
 
 # -- evaluating the formulas ---------------------------------------------------------------------
 
 
-def quantities(n: int, hidden_size: int, num_heads: int, intermediate_size: int, poly_modulus_degree: int) -> dict:
+def quantities(
+    n: int, hidden_size: int, num_heads: int, intermediate_size: int, poly_modulus_degree: int, num_labels: int = 2
+) -> dict:
     """The named quantities, each computed from its formula in QUANTITIES."""
     env: dict = {
         "n": n,
         "hidden_size": hidden_size,
         "num_heads": num_heads,
         "intermediate_size": intermediate_size,
+        "num_labels": num_labels,
         "poly_modulus_degree": poly_modulus_degree,
     }
     for name, formula, _ in QUANTITIES:
@@ -226,22 +242,25 @@ def describe(kind: str, direction: str, env: dict) -> list[dict]:
     return out
 
 
-def round_tensors(kind: str, geometry: dict) -> dict:
+def round_tensors(kind: str, geometry: dict, num_labels: int = 2) -> dict:
     """meta["tensors"] of a round (protocol /4): what the server sends and the reply it expects."""
-    env = env_of_geometry(geometry)
+    env = env_of_geometry(geometry, num_labels)
     return {"send": describe(kind, "server", env), "reply": describe(kind, "client", env)}
 
 
-def bundle_protocol_fields(layers: int, coeff_mod_bit_sizes: list[int], scale_bits: int) -> dict:
+def bundle_protocol_fields(
+    layers: int, coeff_mod_bit_sizes: list[int], scale_bits: int, task: str = "text-classification"
+) -> dict:
     """What a bundle announces about the rounds and the client's own arithmetic (protocol /4)."""
     return {
+        "task": task,
         "round_kinds": [round_kind(r, layers) for r in range(1, 4 * layers + 1)],
         "headroom_bits": headroom_bits(coeff_mod_bit_sizes, scale_bits),
         "embedding": {"layernorm_eps": EMBEDDING_LAYERNORM_EPS, "positions_from": 0},
     }
 
 
-def env_of_geometry(geometry: dict) -> dict:
+def env_of_geometry(geometry: dict, num_labels: int = 2) -> dict:
     """The quantities for a meta `geometry` object {n, n_p, hidden, heads, intermediate, slots}."""
     return quantities(
         int(geometry["n"]),
@@ -249,6 +268,7 @@ def env_of_geometry(geometry: dict) -> dict:
         int(geometry["heads"]),
         int(geometry["intermediate"]),
         2 * int(geometry["slots"]),
+        int(num_labels),
     )
 
 

@@ -77,6 +77,8 @@ class RoundMachine:
             raise EngineError(f"inference id must be 1..{MAX_INFERENCE_ID} characters")
         geo = self.geometry(n_tokens)
         segs = self.check_segments(segments, geo)
+        if segs and self.plan.config.task == "token-classification":
+            raise EngineError("packed sentences are for text classification; tag one sentence per inference")
         with opcount.section("start"):
             raw = load_fresh(self.backend, inputs, geo.fm_cts(geo.hidden), "input")
             return self.begin_layer(ctx, inference_id, geo, 0, raw, 1, segs)
@@ -370,9 +372,36 @@ class RoundMachine:
         )
         if layer + 1 < len(self.plan.layers):
             return self.begin_layer(ctx, inference, geo, layer + 1, y_raw, r + 1, segs)
+        if self.plan.config.task == "token-classification":
+            return self.token_logits(ctx, inference, geo, y_raw, r)
         if segs:
             return self.segment_logits(ctx, inference, geo, y_raw, r, segs)
         return self.logits(ctx, inference, geo, y_raw, r)
+
+    def token_logits(
+        self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int
+    ) -> StepOutput:
+        """The per-token classifier, no pooling: logits (n, labels) feature-major (label c where feature c
+        would be), one kernel per chunk on the fresh last hidden state, dropped to the last level."""
+        cfg = self.plan.config
+        out = self.weights.chunked(self.weights.token_head(), y_raw, ctx.galois)
+        out = self.weights.add_bias(out, self.plan.head_b, geo)
+        kind = protocol_spec.final_kind(cfg.task)
+        return StepOutput(
+            inference_id=inference,
+            round=r + 1,
+            done=True,
+            to_client=[save_bytes(self.backend.mod_to(ct, 0)) for ct in out],
+            state=None,
+            kind=kind,
+            meta={
+                "num_labels": cfg.num_labels,
+                "labels": self.labels(),
+                "protocol": PROTOCOL,
+                "geometry": geo.to_dict(),
+                "tensors": protocol_spec.round_tensors(kind, geo.to_dict(), cfg.num_labels),
+            },
+        )
 
     def logits(
         self, ctx: EvalContext, inference: str, geo: Geometry, y_raw: list[seal.Ciphertext], r: int

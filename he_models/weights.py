@@ -56,6 +56,7 @@ class WeightKernels:
         self.backend = backend
         self.slots = plan.params.slots
         self._maps: list[LayerMaps] | None = None
+        self._token_head: EncodedMap | None = None
 
     def chunk_geometry(self) -> Geometry:
         cfg = self.plan.config
@@ -73,6 +74,16 @@ class WeightKernels:
         if self._maps is None:
             self._maps = [self._encode_layer(layer) for layer in self.plan.layers]
         return self._maps
+
+    def token_head(self) -> EncodedMap:
+        """The per-token classifier of a token-classification model: hidden -> labels, feature-major in and
+        out (label c of token t lands where feature c would), applied to the fresh last hidden state."""
+        if self._token_head is None:
+            geo = self.chunk_geometry()
+            n_out = geo.per_chunk(self.plan.config.num_labels)
+            s = self.plan.params.scale
+            self._token_head = self._linear(geo, self.plan.head_w, geo.fm_cts(geo.hidden), n_out, self.backend.top, s)
+        return self._token_head
 
     def _encode_layer(self, layer: LayerPlan) -> LayerMaps:
         geo = self.chunk_geometry()

@@ -130,6 +130,36 @@ def test_engine_follows_the_spec_at_several_lengths(engine, doc_keys, n):
     assert np.abs(logits - simulate(engine.plan, emb).logits).max() < 1e-2
 
 
+@pytest.mark.parametrize("n", [5, 33])
+def test_token_model_final_envelope_follows_the_spec(tmp_path_factory, n):
+    """A token-classification model: same rounds, then `token_logits` (FM with F = L) that a client reading
+    only the doc unpacks into the plaintext model's per-token logits."""
+    from tests.support.token_fixtures import make_token_model
+
+    directory = make_token_model(tmp_path_factory.mktemp("spec-ner") / "tiny-ner")
+    engine = EncryptedEngine.load(directory, SECRET)
+    bundle = engine.client_bundle()
+    assert bundle["task"] == "token-classification"
+    tables = doc_client.DocTables.read(DOC)
+    crypto = doc_client.Seal(bundle["ckks"])
+    try:
+        ctx = engine.load_context(crypto.key_upload(bundle, {"params": bundle["ckks"], "galois_steps": bundle["galois_steps"]}))
+        packing = doc_client.Packing(tables, bundle, n)
+        emb = np.random.default_rng(n).normal(size=(n, bundle["hidden_size"]))
+        out = engine.start(ctx, f"ner-{n}", n, crypto.encrypt(packing.pack("FM", emb, bundle["hidden_size"])))
+        while not out.done:
+            replies = doc_client.answer(tables, packing, crypto, out.kind, out.meta, out.to_client)
+            out = engine.resume(ctx, out.state, replies, round_no=out.round)
+        layers = bundle["rounds"] // 4
+        assert out.kind == spec.round_kind(out.round, layers, bundle["task"]) == "token_logits"
+        logits = doc_client.token_logits(tables, packing, crypto, out.meta, out.to_client)
+    finally:
+        crypto.close()
+    assert logits.shape == (n, bundle["num_labels"])
+    ref = simulate(engine.plan, emb).logits
+    assert np.abs(logits - ref).max() < 1e-2  # as for the text model: CKKS at 2^36 with 2^10-wide masks
+
+
 def test_key_header_schema_is_the_one_the_server_enforces():
     from he_models.ckks import KEY_HEADER_FIELDS
 

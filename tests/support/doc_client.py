@@ -89,6 +89,7 @@ class Packing:
             "hidden_size": bundle["hidden_size"],
             "num_heads": bundle["num_heads"],
             "intermediate_size": bundle["intermediate_size"],
+            "num_labels": bundle["num_labels"],
             "poly_modulus_degree": bundle["ckks"]["poly_modulus_degree"],
         }
         for name, formula in tables.quantities:
@@ -279,3 +280,14 @@ def answer(tables: DocTables, p: Packing, crypto: Seal, kind: str, meta: dict, f
 
 def logits(crypto: Seal, frames: list[bytes]) -> np.ndarray:
     return np.array([v[0] for v in crypto.decrypt(frames)])
+
+
+def token_logits(tables: DocTables, p: Packing, crypto: Seal, meta: dict, frames: list[bytes]) -> np.ndarray:
+    """A token-classification model's (n, num_labels) logits, read as the doc's token_logits row says."""
+    (t,) = tables.message("token_logits", "server")
+    F = p.features(t)
+    described = {"send": [{"tensor": t["name"], "layout": t["layout"], "features": F,
+                           "frames": p.frames(t["layout"], F)}], "reply": []}
+    assert meta.get("tensors") == described, f"token_logits: the server describes {meta.get('tensors')}"
+    assert len(frames) == p.frames(t["layout"], F)
+    return p.unpack(t["layout"], crypto.decrypt(frames), F)
