@@ -288,7 +288,7 @@ export class Client {
     const t0 = performance.now();
     const emb = embedder.embed(text);
     const n = emb.shape[0];
-    const env = quantities(n, { hidden_size: bundle.hidden_size, num_heads: bundle.num_heads, intermediate_size: bundle.intermediate_size, poly_modulus_degree: bundle.ckks.poly_modulus_degree });
+    const env = quantities(n, { num_labels: bundle.num_labels, hidden_size: bundle.hidden_size, num_heads: bundle.num_heads, intermediate_size: bundle.intermediate_size, poly_modulus_degree: bundle.ckks.poly_modulus_degree });
     const geometry = geometryOf(bundle, n);
     const headroom = headroomBits(bundle.ckks);
     this.progress({ stage: 'encrypt', message: `encrypting ${n} tokens` });

@@ -37,6 +37,10 @@ export const TABLES = {
   {
    "name": "C",
    "formula": "cdiv(n, 32)"
+  },
+  {
+   "name": "L",
+   "formula": "num_labels"
   }
  ],
  "layouts": {
@@ -155,6 +159,14 @@ export const TABLES = {
    "name": "L",
    "layout": "slot 0",
    "features": "-"
+  },
+  {
+   "kind": "token_logits",
+   "direction": "server",
+   "position": 1,
+   "name": "T",
+   "layout": "FM",
+   "features": "L"
   }
  ],
  "maxBits128": {

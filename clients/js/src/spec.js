@@ -103,14 +103,15 @@ export function evaluate(text, env) {
  */
 export function quantities(n, bundleDims) {
   /** @type {Record<string, number>} */
-  const env = { n, ...bundleDims };
+  const env = { n, num_labels: 2, ...bundleDims }; // num_labels: 2 unless the bundle says (as the Python spec)
   for (const q of TABLES.quantities) if (q.formula !== 'input') env[q.name] = evaluate(q.formula, env);
   return env;
 }
 
 /** The quantities for a round meta's geometry {n, n_p, hidden, heads, intermediate, slots}. @param {any} g */
-export function envOfGeometry(g) {
+export function envOfGeometry(g, numLabels = 2) {
   return quantities(Number(g.n), {
+    num_labels: Number(numLabels),
     hidden_size: Number(g.hidden), num_heads: Number(g.heads),
     intermediate_size: Number(g.intermediate), poly_modulus_degree: 2 * Number(g.slots),
   });
