@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy
 
-test: setup system-deps
+test: setup system-deps lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: setup system-deps

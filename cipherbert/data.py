@@ -90,7 +90,9 @@ def _label_id(value: str, label_map: dict[str, int], where: str) -> int:
         return as_int
     if as_int is not None and as_int < 0:
         raise DatasetError(f"{where}: label {as_int} is negative")
-    raise DatasetError(f"{where}: unknown label {value!r} (known names: {sorted(label_map, key=lambda k: label_map[k])})")
+    raise DatasetError(
+        f"{where}: unknown label {value!r} (known names: {sorted(label_map, key=lambda k: label_map[k])})"
+    )
 
 
 def _pick(columns: Iterable[str], wanted: Sequence[str], path: Path, what: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from he_models.config import ConfigError, HEConfig
 
 class RangeRecorder(nn.Module):
     """Tracks min/max of the values passing through (valid positions only) while training."""
+
+    lo: torch.Tensor  # buffers: typed for mypy (register_buffer is untyped)
+    hi: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +58,9 @@ class AffineNorm(nn.Module):
     (x - mean) / std * gamma + beta is one scale and one shift per feature, which folds into the
     neighbouring linear layers under HE.
     """
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, hidden: int, eps: float = 1e-5, momentum: float = 0.05) -> None:
         super().__init__()
@@ -120,6 +127,8 @@ def poly(x: torch.Tensor, coeffs: list[float] | tuple[float, ...]) -> torch.Tens
 
 class Activation(nn.Module):
     """GELU or its quadratic replacement."""
+
+    coeffs: torch.Tensor
 
     def __init__(self, config: HEConfig) -> None:
         super().__init__()
@@ -285,7 +294,11 @@ class HEFriendlyBert(nn.Module):
     def recorded_ranges(self) -> dict[str, list[float]]:
         ranges: dict[str, list[float]] = {}
         for i, layer in enumerate(self.layers):
-            for name, rec in (("softmax", layer.attn.recorder), ("gelu", layer.act.recorder)):
+            block = cast(EncoderLayer, layer)
+            for name, rec in (
+                ("softmax", block.attn.recorder),
+                ("gelu", block.act.recorder),
+            ):
                 value = rec.as_list()
                 if value is not None:
                     ranges[f"layers.{i}.{name}"] = value
