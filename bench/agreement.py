@@ -22,6 +22,7 @@ _worker: dict = {}
 
 
 def _init(model_dir: str) -> None:
+    """One engine, key set, embedder and plaintext model per pool process (also bench.ner_agreement's)."""
     import torch
 
     from he_models.client import ClientKeys, Embedder
@@ -33,7 +34,8 @@ def _init(model_dir: str) -> None:
     bundle = engine.client_bundle()
     keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
     _worker.update(engine=engine, keys=keys, ctx=engine.load_context(keys.public_keys_bytes()),
-                   embedder=Embedder.from_model_dir(model_dir), model=HEFriendlyBert.from_pretrained(model_dir))
+                   embedder=Embedder.from_model_dir(model_dir), model=HEFriendlyBert.from_pretrained(model_dir),
+                   labels=bundle["labels"])
 
 
 def _one(item: tuple[int, str, int]) -> dict:

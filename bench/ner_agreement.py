@@ -19,34 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.agreement import _init, _worker
 from bench.engine import RESULTS, encrypted_run, machine_info
 from he_models.plan import model_hash
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "he-bert-tiny-conll"
-_worker: dict = {}
-
-
-def _init(model_dir: str) -> None:
-    import torch
-
-    from he_models.client import ClientKeys, Embedder
-    from he_models.engine import EncryptedEngine
-    from he_models.model import HEFriendlyBert
-
-    torch.set_num_threads(1)
-    engine = EncryptedEngine.load(model_dir, os.urandom(32))
-    bundle = engine.client_bundle()
-    keys = ClientKeys.generate(bundle["ckks"], bundle["galois_steps"])
-    _worker.update(
-        engine=engine,
-        keys=keys,
-        ctx=engine.load_context(keys.public_keys_bytes()),
-        embedder=Embedder.from_model_dir(model_dir),
-        model=HEFriendlyBert.from_pretrained(model_dir),
-        labels=bundle["labels"],
-    )
-
-
 def word_tags(logits: np.ndarray, word_ids: list[int | None], n_words: int, labels: list[str]) -> list[str]:
     """Each word's tag from its first piece; words cut off by truncation get "O"."""
     tags = ["O"] * n_words
