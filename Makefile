@@ -24,9 +24,13 @@ setup: $(STAMP)
 
 # redis-server and nginx come from Debian (multi-replica tests); chromium and nodejs for the JS client tests.
 system-deps:
-	@command -v redis-server >/dev/null && command -v nginx >/dev/null && command -v chromium >/dev/null && command -v node >/dev/null || \
-	  ( (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx chromium nodejs npm >/dev/null ) || \
-	  echo "warning: could not install redis-server/nginx/chromium/nodejs; those tests will be skipped"
+	@missing=""; \
+	  for pair in redis-server:redis-server nginx:nginx chromium:chromium node:nodejs; do \
+	    command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	  command -v npm >/dev/null || missing="$$missing npm"; \
+	  if [ -n "$$missing" ]; then \
+	    ( (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null ) || \
+	    echo "warning: could not install$$missing; the tests that need them will be skipped"; fi
 
 demo: setup
 	$(BIN)/python -m cipherbert.demo
