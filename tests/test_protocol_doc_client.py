@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from cipherbert.launch import start_server
 from clients.sdk import Client
 from tests.support import doc_client
+from tests.support.servers import serving
 
 KEY = "doc-client-key-0001"
 TEXTS = [
@@ -26,19 +26,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(random_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("doc-client")
-    models = root / "models"
-    models.mkdir()
-    (models / "rand").symlink_to(random_model_dir, target_is_directory=True)
-    proc = start_server(
-        root / "srv",
-        api_keys=f"acme:{KEY}",
-        models_dir=models,
-        workers=1,
-        env={"CIPHERBERT_SECRET": "doc-client-secret-" + "x" * 20},
-    )
-    yield proc
-    proc.stop()
+    with serving(tmp_path_factory.mktemp("doc-client"), random_model_dir, key=KEY, secret="doc-client-secret-" + "x" * 20) as proc:
+        yield proc
 
 
 def doc_classify(url: str, texts: list[str]) -> list[tuple[int, np.ndarray]]:

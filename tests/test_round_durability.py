@@ -23,17 +23,11 @@ from he_models.client import ClientKeys, Embedder, answer_round, encrypt_embeddi
 from he_models.layout import Geometry
 from he_models.wire import pack_frames
 from service.protocol import unpack_envelope
+from tests.support.servers import models_dir_with
 
 KEY = "durable-key-0001"
 TEXT = "a gripping, beautifully acted film"
 needs_redis = pytest.mark.skipif(not have("redis-server"), reason="redis-server not installed (make system-deps)")
-
-
-def _models(root, random_model_dir):
-    models = root / "models"
-    models.mkdir()
-    (models / "rand").symlink_to(random_model_dir, target_is_directory=True)
-    return models
 
 
 def _first_round(url: str, model_dir) -> tuple[dict, list[bytes]]:
@@ -81,7 +75,7 @@ def test_concurrent_identical_replies_get_one_200_and_409s(random_model_dir, tmp
     server = start_server(
         tmp_path / "srv",
         api_keys=f"acme:{KEY}",
-        models_dir=_models(tmp_path, random_model_dir),
+        models_dir=models_dir_with(tmp_path, random_model_dir),
         workers=1,
         env={"CIPHERBERT_SECRET": "durable-secret-" + "q" * 20},
     )
@@ -99,7 +93,7 @@ def test_concurrent_identical_replies_get_one_200_and_409s(random_model_dir, tmp
 def test_concurrent_replies_across_replicas_have_one_winner(random_model_dir, tmp_path):
     redis = start_redis(tmp_path / "redis")
     env = {"CIPHERBERT_REDIS_URL": redis.url, "CIPHERBERT_SECRET": "durable-secret-" + "q" * 20}
-    models = _models(tmp_path, random_model_dir)
+    models = models_dir_with(tmp_path, random_model_dir)
     servers = []
     try:
         for name in ("a", "b"):
@@ -147,7 +141,7 @@ def test_a_round_survives_redis_killed_mid_round(random_model_dir, tmp_path):
     server = start_server(
         tmp_path / "srv",
         api_keys=f"acme:{KEY}",
-        models_dir=_models(tmp_path, random_model_dir),
+        models_dir=models_dir_with(tmp_path, random_model_dir),
         workers=1,
         env={"CIPHERBERT_REDIS_URL": redis.url, "CIPHERBERT_SECRET": "durable-secret-" + "q" * 20},
     )

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cipherbert.launch import start_server
 from clients.sdk import CipherbertError, Client
+from tests.support.servers import serving
 from tests.support.tamper import Tamper
 
 KEY = "sdk-protect-key-0001"
@@ -17,19 +17,8 @@ TEXT = "a gripping, beautifully acted film"
 
 @pytest.fixture(scope="module")
 def server(random_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdk-protect")
-    models = root / "models"
-    models.mkdir()
-    (models / "rand").symlink_to(random_model_dir, target_is_directory=True)
-    proc = start_server(
-        root / "srv",
-        api_keys=f"acme:{KEY}",
-        models_dir=models,
-        workers=1,
-        env={"CIPHERBERT_SECRET": "sdk-protect-secret-" + "y" * 20},
-    )
-    yield proc
-    proc.stop()
+    with serving(tmp_path_factory.mktemp("sdk-protect"), random_model_dir, key=KEY, secret="sdk-protect-secret-" + "y" * 20) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

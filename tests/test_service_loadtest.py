@@ -4,15 +4,13 @@ import json
 
 from bench import loadtest
 from cipherbert.launch import start_server
+from tests.support.servers import models_dir_with
 
 KEY = "load-key-0001"
 
 
 def test_loadtest_reports_every_field(random_model_dir, tmp_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "rand").symlink_to(random_model_dir, target_is_directory=True)
-    server = start_server(tmp_path, api_keys=f"load:{KEY}", models_dir=models, workers=1,
+    server = start_server(tmp_path, api_keys=f"load:{KEY}", models_dir=models_dir_with(tmp_path, random_model_dir), workers=1,
                           env={"CIPHERBERT_RATE_LIMIT": "off"})
     out = tmp_path / "load.json"
     try:
