@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from clients import tagging
 from clients.client_half import ClientHalf, HEModelsClientHalf, KeySet, TextEmbedder
+from clients.results import RunStats
 from clients.tagging import TagResult
 from clients.trust import BundlePins, RoundGuard, TrustError, check_security
 from he_models.wire import WireError, pack_frames, unpack_frames
@@ -59,23 +60,10 @@ class CipherbertError(RuntimeError):
 
 
 @dataclass
-class Result:
+class Result(RunStats):
     label: str
     probabilities: list[float]
     logits: list[float]
-    latency_s: float
-    upload_bytes: int
-    download_bytes: int
-    rounds: int
-    n_tokens: int
-    inference_id: str
-    model_id: str
-    replicas: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    restarts: int = 0  # inferences started again because the server could no longer resume one
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ Entities are [{"entity_group", "word", "start", "end", "score"}] with character 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from clients.results import RunStats
 
 STRATEGIES = ("simple", "first", "none")
 SUBWORD_PREFIX = "##"
@@ -170,7 +172,7 @@ def aggregate(
 
 
 @dataclass
-class TagResult:
+class TagResult(RunStats):
     """What `Client.tag` returns: entities as the NER pipeline gives them, plus per-piece and per-word labels.
 
     tokens: one entry per non-special word piece {"entity", "score", "index", "word", "start", "end"} ("O"
@@ -184,19 +186,6 @@ class TagResult:
     logits: list[list[float]]
     labels: list[str]
     aggregation_strategy: str
-    latency_s: float
-    upload_bytes: int
-    download_bytes: int
-    rounds: int
-    n_tokens: int
-    inference_id: str
-    model_id: str
-    replicas: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    restarts: int = 0
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def tag_views(
