@@ -14,7 +14,7 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,24 +151,28 @@ def _check_one_label_kind(raw: list[tuple[str, str, str]]) -> None:
             raise DatasetError(f"{where}: label {value!r} {kind}, unlike the labels above it ({raw[0][2]!r}, ...)")
 
 
+def _json_objects(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank JSONL line; a bad line fails with its number."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{path}:{line_no}: expected a JSON object per line")
+        yield line_no, obj
+
+
 def _read_rows(path: Path) -> list[tuple[str, str, str]]:
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".bz2" else path.suffix
     opener = bz2.open if path.suffix == ".bz2" else open
     if suffix.startswith(".jsonl") or suffix.startswith(".json"):
-        rows: list[tuple[int, dict]] = []
         with opener(path, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(f"{path}:{line_no}: expected a JSON object per line")
-                rows.append((line_no, obj))
+            rows = list(_json_objects(fh, path))
         if not rows:
             raise DatasetError(f"{path}: no examples")
         text_col = _pick(rows[0][1].keys(), TEXT_COLUMNS, path, "text")
@@ -377,16 +381,8 @@ def _jsonl_sentences(path: Path) -> list[TokenExample]:
     """JSONL: one {"tokens": [...], "tags": [...]} object per line ("ner_tags" also accepted, as in HF datasets)."""
     sentences: list[TokenExample] = []
     with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+        for line_no, obj in _json_objects(fh, path):
             where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{where}: expected a JSON object per line")
             tokens, tags = obj.get("tokens"), obj.get("tags", obj.get("ner_tags"))
             if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
                 raise DatasetError(f"{where}: 'tokens' must be a non-empty list of non-empty strings")
