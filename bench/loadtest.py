@@ -151,17 +151,7 @@ def run(args) -> dict:
     t_start = time.time()
     start_evt.set()
     print(f"loadtest: running for {args.duration}s ...", file=sys.stderr, flush=True)
-    records, statuses = [], {}
-    pending = len(procs) - len(setup_errors)
-    while pending:
-        try:
-            _, recs, st = results_q.get(timeout=args.duration + 900)
-        except queue.Empty:
-            break
-        records += recs
-        for k, v in st.items():
-            statuses[k] = statuses.get(k, 0) + v
-        pending -= 1
+    records, statuses = collect_results(results_q, len(procs) - len(setup_errors), args.duration + 900)
     t_end = max([r["t_end"] for r in records], default=time.time())
     for p in procs:
         p.join(30)
@@ -255,6 +245,21 @@ def start_local(n: int, workers: int, workdir: Path, api_key: str) -> tuple[list
         return procs, lb.url, f"{n} replicas x {workers} engine workers, redis, nginx round robin"
     url = ",".join(p.url for p in procs[1:])
     return procs, url, f"{n} replicas x {workers} engine workers, redis, client-side round robin"
+
+
+def collect_results(results_q, clients: int, timeout: float) -> tuple[list[dict], dict[int, int]]:
+    """Every client process's records and HTTP status counts (a client silent past `timeout` is dropped)."""
+    records: list[dict] = []
+    statuses: dict[int, int] = {}
+    for _ in range(clients):
+        try:
+            _, recs, st = results_q.get(timeout=timeout)
+        except queue.Empty:
+            break
+        records += recs
+        for k, v in st.items():
+            statuses[k] = statuses.get(k, 0) + v
+    return records, statuses
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.loadtest import REPO, client_main, machine_info, plaintext_reference
+from bench.loadtest import REPO, client_main, collect_results, machine_info, plaintext_reference
 
 MB = 1e6
 MIB = 1 << 20
@@ -46,6 +46,8 @@ def rss_mb(pid: int) -> float:
         pass
     return 0.0
 
+
+SOAK_MODEL = "he-bert-tiny-rt"
 
 def children(pid: int) -> list[int]:
     """Every descendant of pid (engine workers and the helpers multiprocessing starts)."""
@@ -128,7 +130,7 @@ def declared_only(url: str, api_key: str, path: str, length: int) -> int:
 
 def hostile_request(http: httpx.Client, url: str, api_key: str, key_id: str, kind: str, junk: bytes, size: int) -> int:
     """One bad request of the given kind; the status it got (0: the server closed the connection)."""
-    model = "he-bert-tiny-rt"
+    model = SOAK_MODEL
     start = {"model": model, "key_id": key_id, "n_tokens": 8}
     if kind == "garbage_key":  # random bytes: refused by the engine's parser
         return http.post(f"{url}/v1/keys", params={"model": model}, content=junk[:size]).status_code
@@ -182,7 +184,6 @@ def hostile_main(
 def run_valid_clients(args, url: str, api_key: str, model: str, refs: list[dict], cache_dir: str, on_start) -> tuple:
     """The honest SDK clients (bench.loadtest.client_main in processes); on_start() runs as they begin."""
     import multiprocessing as mp
-    import queue
 
     ctx = mp.get_context("spawn")
     start_evt, manager = ctx.Event(), ctx.Manager()
@@ -204,15 +205,7 @@ def run_valid_clients(args, url: str, api_key: str, model: str, refs: list[dict]
     start_evt.set()
     t0 = time.time()
     on_start(box.value)
-    records, statuses = [], {}
-    for _ in range(len(procs) - len(setup_errors)):
-        try:
-            _, recs, st = results_q.get(timeout=args.duration + 900)
-        except queue.Empty:
-            break
-        records += recs
-        for k, v in st.items():
-            statuses[k] = statuses.get(k, 0) + v
+    records, statuses = collect_results(results_q, len(procs) - len(setup_errors), args.duration + 900)
     for p in procs:
         p.join(30)
     manager.shutdown()
@@ -230,8 +223,7 @@ def soak(args, workdir: Path) -> dict:
         workdir, api_keys=f"soak:{valid_key},hostile:{hostile_key}", workers=args.workers, env=env, replica_id="soak"
     )
     try:
-        model = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {valid_key}"}).json()
-        model = model["models"][0]["model_id"]
+        model = SOAK_MODEL  # a sentence classifier: the clients check labels against plaintext
         model_dir = REPO / "models" / model
         texts = [ex.text for ex in load_sst2_dev()][: args.sentences]
         refs = plaintext_reference(model_dir, texts)
